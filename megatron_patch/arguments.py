@@ -1,0 +1,105 @@
+"""Command-line arguments: Megatron-LM's own parser plus the megatron-patch flags.
+
+Every Megatron-LM flag (``--tensor-model-parallel-size``, ``--micro-batch-size``, ...) keeps its
+name and meaning because the parser *is* Megatron's (``megatron.training.arguments``). Our flags
+are added by :func:`add_patch_arguments`, the ``extra_args_provider`` hook, which also switches
+off the fused kernels whose libraries are not installed so the defaults always run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from megatron.training.arguments import parse_args, validate_args
+
+from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.registry import family_for_hf_config, get_family
+from megatron_patch.runtime.backends import available_backends
+from megatron_patch.runtime.cpu_compat import apply_cpu_compat
+
+
+def add_patch_arguments(
+    parser: argparse.ArgumentParser, model_defaults: dict[str, Any] | None = None
+) -> argparse.ArgumentParser:
+    """Add the megatron-patch flags to Megatron's parser (``extra_args_provider``).
+
+    ``model_defaults`` (architecture values from an HF config or checkpoint metadata) become
+    parser defaults, so explicit command-line flags still win.
+    """
+    group = parser.add_argument_group("megatron-patch")
+    group.add_argument("--model-family", default=None,
+                       help="Registered model family (llama, qwen2, ...); default: from the "
+                            "HF config given by --hf-config-path, else llama.")
+    group.add_argument("--hf-config-path", default=None,
+                       help="HF model directory whose config.json defines the architecture.")
+    group.add_argument("--patch-tokenizer-type", default=None,
+                       help="HFTokenizer, SentencePieceTokenizer, TikTokenizer, ByteTokenizer "
+                            "or TinyTokenizer (the shipped demo tokenizer).")
+    group.add_argument("--patch-tokenizer-path", default=None,
+                       help="Tokenizer directory or file (default: --hf-config-path or --load).")
+    group.add_argument("--extra-vocab-size", type=int, default=0,
+                       help="Extra embedding rows beyond the tokenizer (explicit override).")
+    group.add_argument("--dataset", default="mmap", choices=["mmap", "mock"],
+                       help="Pretraining data source: Megatron indexed datasets given by "
+                            "--data-path, or mock tokens.")
+    backends = available_backends()
+    parser.set_defaults(
+        apply_rope_fusion=backends.transformer_engine,
+        gradient_accumulation_fusion=backends.apex or backends.transformer_engine,
+        masked_softmax_fusion=backends.apex,
+        persist_layer_norm=backends.apex,
+        use_cpu_initialization=not backends.cuda,
+        # torch.compile'd fusions pay seconds of compilation for no gain on the CPU.
+        bias_gelu_fusion=backends.cuda,
+        bias_swiglu_fusion=backends.cuda,
+        bias_dropout_fusion=backends.cuda,
+        tensorboard_log_interval=1,
+    )
+    parser.set_defaults(**(model_defaults or {}))
+    return parser
+
+
+@contextlib.contextmanager
+def _argv(argv: Sequence[str]) -> Iterator[None]:
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "megatron-patch", *argv]
+    try:
+        yield
+    finally:
+        sys.argv = saved
+
+
+def model_defaults_from_argv(argv: Sequence[str]) -> dict[str, Any]:
+    """Architecture defaults from ``--hf-config-path`` or a converted checkpoint's metadata."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--hf-config-path")
+    pre.add_argument("--load")
+    pre.add_argument("--model-family")
+    known, _ = pre.parse_known_args(list(argv))
+    if known.load and checkpoint_metadata(known.load):
+        meta = checkpoint_metadata(known.load)
+        return {**meta["megatron_args"], "model_family": meta["family"]}
+    if known.hf_config_path:
+        hf = load_hf_config(known.hf_config_path)
+        family = get_family(known.model_family) if known.model_family else \
+            family_for_hf_config(hf)
+        return {**family.hf_to_megatron(hf), "model_family": family.name}
+    return {}
+
+
+def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate Megatron + megatron-patch arguments (``sys.argv`` when argv is None)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    apply_cpu_compat()
+    provider = functools.partial(add_patch_arguments,
+                                 model_defaults=model_defaults_from_argv(argv))
+    with _argv(argv):
+        args = parse_args(extra_args_provider=provider)
+    validate_args(args, {})
+    return args

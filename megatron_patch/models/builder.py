@@ -1,0 +1,61 @@
+"""Build Megatron-Core models for a registered family from Megatron arguments."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.training.arguments import core_transformer_config_from_args
+
+from megatron_patch.models.registry import ModelFamily, get_family
+
+
+class _DropGPTModelDeprecation(logging.Filter):
+    """GPTModel is the right engine for these decoders; keep its 0.19 deprecation notice quiet."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "GPTModel IS DEPRECATED" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.models.gpt.gpt_model").addFilter(_DropGPTModelDeprecation())
+
+
+def family_from_args(args: argparse.Namespace) -> ModelFamily:
+    """The family named by ``--model-family`` (llama when unset)."""
+    return get_family(args.model_family or "llama")
+
+
+def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
+    """Megatron's own args -> TransformerConfig translation."""
+    return core_transformer_config_from_args(args)
+
+
+def build_gpt_model(
+    args: argparse.Namespace,
+    config: TransformerConfig,
+    pre_process: bool = True,
+    post_process: bool = True,
+    vp_stage: int | None = None,
+) -> GPTModel:
+    """One model chunk (a pipeline stage, or a virtual stage with ``vp_stage``)."""
+    family = family_from_args(args)
+    return GPTModel(
+        config=config,
+        transformer_layer_spec=family.decoder_spec(config, vp_stage),
+        vocab_size=args.padded_vocab_size,
+        max_sequence_length=args.max_position_embeddings,
+        pre_process=pre_process,
+        post_process=post_process,
+        fp16_lm_cross_entropy=args.fp16_lm_cross_entropy,
+        parallel_output=True,
+        share_embeddings_and_output_weights=not args.untie_embeddings_and_output_weights,
+        position_embedding_type=args.position_embedding_type,
+        rotary_percent=args.rotary_percent,
+        rotary_base=args.rotary_base,
+        rope_scaling=args.use_rope_scaling,
+        rope_scaling_factor=args.rope_scaling_factor,
+        seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
+        vp_stage=vp_stage,
+    )

@@ -1,0 +1,95 @@
+"""Core attention on ``torch.nn.functional.scaled_dot_product_attention``.
+
+Drop-in for Megatron-Core's ``DotProductAttention`` (same constructor and forward signature):
+causal and GQA attention without materialising an ``s x s`` mask, so torch picks its fused
+kernels (flash / cuDNN / memory-efficient on GPUs, the fused CPU kernel otherwise).
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import nullcontext
+
+import torch
+import torch.nn.functional as F
+from megatron.core import tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import divide
+
+
+class SDPAttention(MegatronModule):
+    """Scaled-dot-product core attention for [s, b, heads, dim] inputs."""
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError(
+                "context parallelism needs Transformer Engine attention; install "
+                "transformer-engine or set --context-parallel-size 1"
+            )
+        if config.window_size is not None:
+            raise ValueError("sliding-window attention is not supported by SDPAttention yet")
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+        tp_size = pg_collection.tp.size()
+        self.attn_mask_type = attn_mask_type
+        self.num_heads = divide(config.num_attention_heads, tp_size)
+        self.num_groups = divide(config.num_query_groups, tp_size)
+        self.softmax_scale = (
+            softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(config.kv_channels)
+        )
+        self.dropout_p = (
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: torch.Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> torch.Tensor:
+        """Attend [sq, b, np, hn] queries to [sk, b, ng, hn] keys/values -> [sq, b, np*hn]."""
+        if packed_seq_params is not None:
+            raise ValueError("packed sequences are not supported by SDPAttention yet")
+        mask_type = attn_mask_type or self.attn_mask_type
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        mask = None
+        if attention_mask is not None:
+            mask = ~attention_mask  # Megatron masks are True where attention is forbidden
+        if attention_bias is not None:
+            mask = attention_bias if mask is None else attention_bias.masked_fill(~mask, -1e30)
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
+        dropout = self.dropout_p if self.training else 0.0
+        # Dropout on TP-sharded heads draws from the model-parallel RNG stream, as Megatron does.
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if dropout else nullcontext()
+        with rng:
+            out = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                dropout_p=dropout,
+                is_causal=causal,
+                scale=self.softmax_scale,
+                enable_gqa=self.num_heads != self.num_groups,
+            )
+        sq, b = out.shape[2], out.shape[0]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)

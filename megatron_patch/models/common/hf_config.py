@@ -1,0 +1,167 @@
+"""Shared HF ``config.json`` <-> Megatron argument mapping for llama-style decoders.
+
+Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (q/k/v bias, per-head q/k norm,
+sliding window), so they share :func:`llama_style_to_megatron` / :func:`megatron_to_llama_style`.
+Fields that would change the model but have no Megatron equivalent raise
+:class:`UnsupportedConfigError` naming the field, never a silently different model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from megatron_patch.models.registry import HFConfig, MegatronArgs
+
+# Megatron's llama3 rope scaling hard-codes these (megatron.core RotaryEmbedding._apply_scaling).
+_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+
+
+class UnsupportedConfigError(ValueError):
+    """An HF config field has a value megatron-patch cannot reproduce exactly."""
+
+
+def load_hf_config(hf_dir: str | Path) -> HFConfig:
+    """Read ``config.json`` from an HF model directory with a clear error if absent."""
+    path = Path(hf_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: expected a Hugging Face config.json in {hf_dir}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def _require(hf: HFConfig, field: str) -> Any:
+    if field not in hf or hf[field] is None:
+        raise UnsupportedConfigError(f"config.json: required field {field!r} is missing")
+    return hf[field]
+
+
+def _expect(hf: HFConfig, field: str, allowed: tuple, default: Any) -> Any:
+    value = hf.get(field, default)
+    if value is None:
+        value = default
+    if value not in allowed:
+        raise UnsupportedConfigError(
+            f"config.json: {field}={value!r} is not supported (expected one of {list(allowed)})"
+        )
+    return value
+
+
+def rope_parameters(hf: HFConfig) -> dict[str, Any]:
+    """Rope settings from either transformers v5 ``rope_parameters`` or v4 ``rope_scaling``."""
+    params = dict(hf.get("rope_parameters") or hf.get("rope_scaling") or {})
+    params.setdefault("rope_theta", hf.get("rope_theta", 10000.0))
+    params["rope_type"] = params.get("rope_type") or params.get("type") or "default"
+    return params
+
+
+def _rope_to_megatron(hf: HFConfig) -> MegatronArgs:
+    rope = rope_parameters(hf)
+    theta = float(rope["rope_theta"])
+    args: MegatronArgs = {
+        "position_embedding_type": "rope",
+        "rotary_base": int(theta) if theta.is_integer() else theta,
+        "rotary_percent": float(hf.get("partial_rotary_factor", 1.0)),
+    }
+    kind = rope["rope_type"]
+    if kind == "default":
+        return args
+    if kind == "linear":
+        return {**args, "rotary_seq_len_interpolation_factor": float(rope["factor"])}
+    if kind == "llama3":
+        for key, fixed in _LLAMA3_FIXED.items():
+            if float(rope.get(key, fixed)) != fixed:
+                raise UnsupportedConfigError(
+                    f"config.json: rope llama3 {key}={rope.get(key)} is not supported "
+                    f"(Megatron-Core implements {key}={fixed})"
+                )
+        return {**args, "use_rope_scaling": True, "rope_scaling_factor": float(rope["factor"])}
+    raise UnsupportedConfigError(
+        f"config.json: rope type {kind!r} is not supported (default, linear, llama3)"
+    )
+
+
+def llama_style_to_megatron(
+    hf: HFConfig, *, qkv_bias: bool = False, qk_layernorm: bool = False
+) -> MegatronArgs:
+    """Map a llama-style HF config to Megatron argument values.
+
+    ``qkv_bias``: the family always has a bias on q/k/v only (Qwen2).
+    """
+    _expect(hf, "hidden_act", ("silu",), "silu")
+    for field in ("mlp_bias", "attention_bias"):
+        if hf.get(field):
+            raise UnsupportedConfigError(
+                f"config.json: {field}=true is not supported (bias on o_proj/MLP)"
+            )
+    heads = int(_require(hf, "num_attention_heads"))
+    hidden = int(_require(hf, "hidden_size"))
+    kv_heads = int(hf.get("num_key_value_heads") or heads)
+    head_dim = int(hf.get("head_dim") or hidden // heads)
+    sliding = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+    if sliding is not None and sliding < int(hf.get("max_position_embeddings", 0)):
+        raise UnsupportedConfigError(
+            f"config.json: sliding_window={sliding} below max_position_embeddings is not "
+            "supported yet"
+        )
+    return {
+        "num_layers": int(_require(hf, "num_hidden_layers")),
+        "hidden_size": hidden,
+        "ffn_hidden_size": int(_require(hf, "intermediate_size")),
+        "num_attention_heads": heads,
+        "group_query_attention": kv_heads != heads,
+        "num_query_groups": kv_heads,
+        "kv_channels": head_dim,
+        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
+        "normalization": "RMSNorm",
+        "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
+        "swiglu": True,
+        "add_bias_linear": False,
+        "add_qkv_bias": qkv_bias,
+        "qk_layernorm": qk_layernorm,
+        "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False),
+        "vocab_size": int(_require(hf, "vocab_size")),
+        "attention_dropout": float(hf.get("attention_dropout", 0.0)),
+        "hidden_dropout": 0.0,
+        "init_method_std": float(hf.get("initializer_range", 0.02)),
+        **_rope_to_megatron(hf),
+    }
+
+
+def megatron_to_llama_style(args: Any, architecture: str, model_type: str) -> HFConfig:
+    """Inverse of :func:`llama_style_to_megatron`: an HF config dict from Megatron args."""
+    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
+    if getattr(args, "use_rope_scaling", False):
+        rope = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
+                **_LLAMA3_FIXED, "rope_theta": float(args.rotary_base)}
+    elif getattr(args, "rotary_seq_len_interpolation_factor", None):
+        rope = {"rope_type": "linear", "factor": float(args.rotary_seq_len_interpolation_factor),
+                "rope_theta": float(args.rotary_base)}
+    heads = args.num_attention_heads
+    config = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": args.hidden_size,
+        "intermediate_size": args.ffn_hidden_size,
+        "num_hidden_layers": args.num_layers,
+        "num_attention_heads": heads,
+        "num_key_value_heads": args.num_query_groups if args.group_query_attention else heads,
+        "head_dim": args.kv_channels,
+        "hidden_act": "silu",
+        "max_position_embeddings": args.max_position_embeddings,
+        "rms_norm_eps": args.norm_epsilon,
+        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
+        "vocab_size": args.vocab_size,
+        "attention_dropout": args.attention_dropout,
+        "initializer_range": args.init_method_std,
+        "rope_parameters": rope,
+        "rope_theta": rope["rope_theta"],
+    }
+    if math.isclose(args.rotary_percent, 1.0) is False:
+        config["partial_rotary_factor"] = args.rotary_percent
+    return config

@@ -1,0 +1,85 @@
+"""Layout-invariant weight initialisation.
+
+Megatron's own initialisation depends on the parallel layout (pipeline stages draw from
+different RNG streams), so the same ``--seed`` gives different models at TP=2 or PP=2. Here
+every parameter is drawn from a generator seeded by ``(seed, global parameter name)`` at its
+unsharded shape and then sharded, so any TP/PP/VPP layout starts from the same weights.
+Distributions follow Megatron: normal(0, init_method_std) for weights, scaled by
+1/sqrt(2 * num_layers) for the output projections of attention and MLP, ones for norm weights,
+zeros for biases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer
+
+from megatron_patch.conversion.sharding import is_gated_fc1, tp_shard
+
+_NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
+_OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+
+
+def _strip_wrappers(name: str) -> str:
+    while name.startswith("module."):
+        name = name[len("module."):]
+    return name
+
+
+def global_parameter_names(chunk: torch.nn.Module, tied: bool) -> dict[str, str]:
+    """Map each local parameter name of a model chunk to its layout-independent name."""
+    layer_offsets: dict[str, int] = {}
+    for name, module in chunk.named_modules():
+        if isinstance(module, TransformerLayer):
+            layer_offsets[_strip_wrappers(name)] = module.layer_number - 1
+    names = {}
+    for local, _ in chunk.named_parameters():
+        name = _strip_wrappers(local)
+        match = re.match(r"^(.*?decoder\.layers\.\d+)\.(.*)$", name)
+        if match and match.group(1) in layer_offsets:
+            prefix = re.sub(r"\d+$", str(layer_offsets[match.group(1)]), match.group(1))
+            name = f"{prefix}.{match.group(2)}"
+        if tied and name == "output_layer.weight":
+            name = "embedding.word_embeddings.weight"
+        names[local] = name
+    return names
+
+
+def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: int,
+          config: TransformerConfig) -> torch.Tensor:
+    if isinstance(module, _NORMS) or name.endswith("bias"):
+        return torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)
+    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    partitioned = getattr(param, "tensor_model_parallel", False) and tp_size > 1
+    dim = getattr(param, "partition_dim", 0)
+    shape = list(param.shape)
+    if partitioned:
+        shape[dim] *= tp_size
+    std = config.init_method_std
+    if name.endswith(_OUTPUT_PROJECTIONS):
+        std = std / math.sqrt(2.0 * config.num_layers)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    if partitioned:
+        full = tp_shard(full, dim, parallel_state.get_tensor_model_parallel_rank(), tp_size,
+                        gated=is_gated_fc1(name, config.gated_linear_unit))
+    return full
+
+
+@torch.no_grad()
+def init_layout_invariant(
+    model_chunks: list[torch.nn.Module], config: TransformerConfig, seed: int, tied: bool
+) -> None:
+    """Overwrite all parameters of ``model_chunks`` with the layout-invariant initialisation."""
+    for chunk in model_chunks:
+        names = global_parameter_names(chunk, tied)
+        modules = dict(chunk.named_modules())
+        for local, param in chunk.named_parameters():
+            owner = modules[local.rsplit(".", 1)[0]] if "." in local else chunk
+            param.copy_(_fill(param, owner, names[local], seed, config).to(param.dtype))

@@ -1,0 +1,1 @@
+"""The training engine: initialisation, the train/eval loop, checkpointing and logging."""

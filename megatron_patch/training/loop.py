@@ -1,0 +1,199 @@
+"""The training loop on Megatron-Core: forward/backward schedules, optimizer, eval, checkpoints.
+
+Runs unchanged on GPUs (nccl) and CPUs (gloo). Checkpoints are written and read by
+``megatron.training.checkpointing`` so they are Megatron-LM checkpoints (``torch_dist`` by
+default, ``latest_checkpointed_iteration.txt`` + ``iter_0000100/``), with optimizer, scheduler
+and RNG state.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
+from megatron.core.enums import ModelType
+from megatron.core.num_microbatches_calculator import get_num_microbatches
+from megatron.core.optimizer import get_megatron_optimizer
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.utils import get_model_config
+from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron.training.training import (
+    get_megatron_optimizer_config,
+    get_model,
+    get_optimizer_param_scheduler,
+    num_floating_point_operations,
+)
+
+from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.init import init_layout_invariant
+from megatron_patch.training.logging import TrainingLogger
+
+ForwardStep = Callable[[Iterator | None, torch.nn.Module], tuple]
+
+
+@dataclass
+class TrainState:
+    """Model, optimizer and schedule of one run."""
+
+    model: list[torch.nn.Module]
+    optimizer: object
+    scheduler: object
+    iteration: int = 0
+    flops_so_far: float = 0.0
+    extras: dict = field(default_factory=dict)
+
+
+def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
+    """Build the (DDP-wrapped) model chunks, optimizer and LR schedule, then load ``--load``."""
+    config = transformer_config_from_args(args)
+
+    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                 pg_collection=None):
+        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
+                               post_process, vp_stage)
+
+    model = get_model(provider, ModelType.encoder_or_decoder)
+    if not args.load:
+        init_layout_invariant(model, config, args.seed,
+                              tied=not args.untie_embeddings_and_output_weights)
+    opt_config, overrides = get_megatron_optimizer_config(args)
+    optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
+    scheduler = get_optimizer_param_scheduler(optimizer)
+    state = TrainState(model, optimizer, scheduler)
+    if args.load:
+        state.iteration, state.flops_so_far = load_checkpoint(
+            model, optimizer, scheduler, strict=True
+        )
+    return state
+
+
+def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor):
+    """Token-summed LM loss, its token count, and the [sum, count] pair for reporting."""
+    mask = loss_mask.reshape(-1).float()
+    total = torch.sum(output.float().reshape(-1) * mask)
+    tokens = mask.sum().to(torch.int)
+    return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum()])}
+
+
+def gpt_forward_step(data_iterator: Iterator | None, model: torch.nn.Module):
+    """Megatron forward step for causal LM batches from GPTDataset-style dicts."""
+    batch = next(data_iterator)
+    tokens = batch["tokens"]
+    output = model(tokens, batch["position_ids"], None, labels=batch["labels"])
+    return output, partial(lm_loss, batch["loss_mask"])
+
+
+def _reduce_reported(losses: list[dict]) -> dict[str, float]:
+    """Sum [value, count] pairs over micro-batches and data-parallel ranks; return means."""
+    if not losses:
+        return {}
+    totals = {key: torch.stack([d[key] for d in losses]).sum(0) for key in losses[0]}
+    for value in totals.values():
+        torch.distributed.all_reduce(
+            value, group=parallel_state.get_data_parallel_group(with_context_parallel=True)
+        )
+    return {key: (v[0] / v[1].clamp(min=1)).item() for key, v in totals.items()}
+
+
+def _last_stage() -> bool:
+    return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+
+def train_step(state: TrainState, iterators: list, forward_step: ForwardStep,
+               args: argparse.Namespace) -> tuple[dict[str, float], bool, float | None]:
+    """One optimizer step over a global batch; returns (losses, update_successful, grad_norm)."""
+    for chunk in state.model:
+        chunk.zero_grad_buffer()
+    state.optimizer.zero_grad()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=iterators if len(iterators) > 1 else iterators[0],
+        model=state.model,
+        num_microbatches=get_num_microbatches(),
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        decoder_seq_length=args.seq_length,
+        forward_only=False,
+    )
+    update_successful, grad_norm, _ = state.optimizer.step()
+    if update_successful:
+        state.scheduler.step(increment=args.global_batch_size)
+    return _reduce_reported(losses if _last_stage() else []), update_successful, grad_norm
+
+
+@torch.no_grad()
+def evaluate(state: TrainState, iterators: list, forward_step: ForwardStep,
+             args: argparse.Namespace) -> dict[str, float]:
+    """Average validation loss over ``--eval-iters`` global batches."""
+    for chunk in state.model:
+        chunk.eval()
+    collected: list[dict] = []
+    for _ in range(args.eval_iters):
+        collected += get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=iterators if len(iterators) > 1 else iterators[0],
+            model=state.model,
+            num_microbatches=get_num_microbatches(),
+            seq_length=args.seq_length,
+            micro_batch_size=args.micro_batch_size,
+            decoder_seq_length=args.seq_length,
+            forward_only=True,
+        )
+    for chunk in state.model:
+        chunk.train()
+    return _reduce_reported(collected if _last_stage() else [])
+
+
+def _configure_model_hooks(state: TrainState) -> None:
+    config = get_model_config(state.model[0])
+    config.finalize_model_grads_func = finalize_model_grads
+    config.grad_scale_func = state.optimizer.scale_loss
+    config.no_sync_func = [chunk.no_sync for chunk in state.model]
+    if len(state.model) == 1:
+        config.no_sync_func = config.no_sync_func[0]
+
+
+def train(state: TrainState, train_iterators: list, valid_iterators: list | None,
+          forward_step: ForwardStep, args: argparse.Namespace) -> dict[str, float]:
+    """Run from ``state.iteration`` to ``--train-iters``; returns the last logged losses."""
+    _configure_model_hooks(state)
+    for chunk in state.model:
+        chunk.train()
+    logger = TrainingLogger(args)
+    last: dict[str, float] = {}
+    saved_at = state.iteration
+    while state.iteration < args.train_iters:
+        start = time.time()
+        losses, ok, grad_norm = train_step(state, train_iterators, forward_step, args)
+        state.iteration += 1
+        args.consumed_train_samples += args.global_batch_size
+        flops = num_floating_point_operations(args, args.global_batch_size)
+        state.flops_so_far += flops
+        logger.step(state.iteration, losses, time.time() - start, flops, ok, grad_norm,
+                    state.optimizer.get_loss_scale().item(),
+                    state.scheduler.get_lr(state.optimizer.param_groups[0]))
+        last = losses or last
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save(state)
+            saved_at = state.iteration
+        if (valid_iterators and args.eval_interval and args.eval_iters
+                and state.iteration % args.eval_interval == 0):
+            logger.validation(state.iteration, evaluate(state, valid_iterators, forward_step, args))
+        if args.exit_interval and state.iteration % args.exit_interval == 0:
+            break
+    if args.save and saved_at != state.iteration:
+        save(state)
+    logger.close()
+    return last
+
+
+def save(state: TrainState) -> None:
+    """Write a Megatron checkpoint for ``state.iteration`` (atomic tracker update)."""
+    save_checkpoint(state.iteration, state.model, state.optimizer, state.scheduler,
+                    state.flops_so_far)
