@@ -61,7 +61,11 @@ def add_patch_arguments(
         bias_dropout_fusion=backends.cuda,
         tensorboard_log_interval=1,
     )
-    parser.set_defaults(**(model_defaults or {}))
+    model_defaults = model_defaults or {}
+    unknown = sorted(set(model_defaults) - {action.dest for action in parser._actions})
+    if unknown:
+        raise ValueError(f"model defaults name no Megatron argument: {unknown}")
+    parser.set_defaults(**model_defaults)
     return parser
 
 

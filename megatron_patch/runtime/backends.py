@@ -19,6 +19,11 @@ class Backends:
     flash_attn: bool
 
     @property
+    def gpu_count(self) -> int:
+        """Visible CUDA devices (0 without CUDA)."""
+        return torch.cuda.device_count() if self.cuda else 0
+
+    @property
     def distributed_backend(self) -> str:
         """torch.distributed backend: nccl on GPUs, gloo on the CPU."""
         return "nccl" if self.cuda else "gloo"

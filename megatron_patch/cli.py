@@ -1,0 +1,49 @@
+"""The ``megatron-patch`` console script: one dispatcher, each sub-command in its own module.
+
+Sub-commands are imported lazily so ``megatron-patch --help`` stays fast and a sub-command's heavy
+imports (torch, megatron) are paid only when it runs. Every target is ``main(argv) -> int | None``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from collections.abc import Sequence
+
+# name -> (module, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "pretrain": ("megatron_patch.training.pretrain", "pretrain a model (Megatron-LM flags)"),
+    "preprocess": ("megatron_patch.data.pretrain_preprocess",
+                   "JSONL/parquet/text -> Megatron .bin/.idx indexed dataset"),
+    "merge-datasets": ("megatron_patch.data.merge_datasets",
+                       "merge .bin/.idx shards into one dataset"),
+    "convert": ("megatron_patch.conversion.cli_convert",
+                "convert hf-to-mcore | mcore-to-hf checkpoints"),
+    "verify": ("megatron_patch.conversion.cli_verify",
+               "compare HF and Megatron logits for the same weights"),
+}
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    return "usage: megatron-patch <command> [args]\n\ncommands:\n" + "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``megatron-patch <command> [args]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0 if argv else 2
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"megatron-patch: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    result = module.main(rest)
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

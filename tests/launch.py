@@ -1,0 +1,59 @@
+"""Run megatron-patch entry points in subprocesses (torchrun for several ranks) and parse logs."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.E+-]+) \|")
+
+TINY_MODEL = [
+    "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--group-query-attention", "--num-query-groups", "2",
+    "--seq-length", "32", "--max-position-embeddings", "32",
+    "--normalization", "RMSNorm", "--swiglu", "--position-embedding-type", "rope",
+    "--disable-bias-linear", "--untie-embeddings-and-output-weights",
+    "--attention-dropout", "0", "--hidden-dropout", "0",
+]
+MOCK_DATA = ["--dataset", "mock", "--vocab-size", "256", "--make-vocab-size-divisible-by", "128"]
+
+
+def free_port() -> int:
+    """An unused localhost TCP port for torch.distributed rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 600,
+               env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` under torchrun with ``nproc`` ranks; raise on failure."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(free_port()), "-m", module, *args]
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                            env=full_env)
+    if result.returncode != 0:
+        raise AssertionError(
+            f"{module} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+            f"{result.stderr[-6000:]}"
+        )
+    return result
+
+
+def losses(output: str) -> dict[int, float]:
+    """Iteration -> lm loss from Megatron-format log lines."""
+    return {int(i): float(v) for i, v in LOSS_LINE.findall(output)}
+
+
+def pretrain(args: list[str], nproc: int = 1, **kwargs) -> dict[int, float]:
+    """Run the pretrain entry point and return its per-iteration losses."""
+    result = run_module("megatron_patch.training.pretrain", args, nproc=nproc, **kwargs)
+    found = losses(result.stdout)
+    assert found, f"no loss lines in output:\n{result.stdout[-3000:]}"
+    return found

@@ -1,0 +1,89 @@
+"""The CPU compatibility layer: every upstream symbol it patches still exists and still needs it."""
+
+import inspect
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU-only layer")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compat():
+    from megatron_patch.runtime.cpu_compat import apply_cpu_compat
+
+    assert apply_cpu_compat()
+
+
+def test_targets_megatron_core_0_19():
+    import megatron.core
+
+    assert megatron.core.__version__.startswith("0.19."), megatron.core.__version__
+
+
+def test_patched_upstream_symbols_exist():
+    from megatron.core.tensor_parallel import random as mcore_random
+    from megatron.training import arguments, utils
+    from megatron.training.utils import common_utils
+
+    for module, name in [(mcore_random, "_get_cuda_rng_state"),
+                         (mcore_random, "_set_cuda_rng_state"),
+                         (arguments, "get_device_arch_version"),
+                         (utils, "get_device_arch_version"),
+                         (common_utils, "get_device_arch_version")]:
+        assert hasattr(module, name), f"{module.__name__}.{name} is gone: update cpu_compat"
+
+
+def test_rotary_embedding_still_targets_cuda_and_lands_on_cpu():
+    from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+    assert "current_device" in inspect.getsource(RotaryEmbedding.__init__)
+    rope = RotaryEmbedding(kv_channels=16, rotary_percent=1.0)
+    assert rope.inv_freq.device.type == "cpu"
+    assert rope(8).shape == (8, 1, 1, 16)
+
+
+def test_cuda_device_requests_and_type_names():
+    assert torch.empty(2, device="cuda").device.type == "cpu"
+    assert torch.zeros(2, device=torch.cuda.current_device()).device.type == "cpu"
+    assert torch.ones(2).cuda().to("cuda:0").device.type == "cpu"
+    assert torch.ones(2).type() == "torch.cuda.FloatTensor"
+    assert torch.ones(2, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
+
+
+@pytest.fixture
+def model_parallel(tmp_path):
+    """A one-process gloo group with Megatron's parallel state on it."""
+    from megatron.core import parallel_state
+
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
+                                         rank=0, world_size=1)
+    parallel_state.initialize_model_parallel()
+    yield
+    parallel_state.destroy_model_parallel()
+    torch.distributed.destroy_process_group()
+
+
+def test_rng_tracker_forks_on_the_cpu_generator(model_parallel):
+    from megatron.core import tensor_parallel
+
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    tracker = tensor_parallel.get_cuda_rng_tracker()
+    torch.manual_seed(7)
+    outside_before = torch.rand(3)
+    torch.manual_seed(7)
+    with tracker.fork():
+        first = torch.rand(3)
+    assert torch.equal(torch.rand(3), outside_before), "fork must restore the outer state"
+    tensor_parallel.model_parallel_cuda_manual_seed(123)
+    with tracker.fork():
+        assert torch.equal(torch.rand(3), first), "same seed, same forked stream"
+
+
+def test_streams_and_synchronize_are_inert():
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        torch.cuda.synchronize()
+    event = torch.cuda.Event()
+    event.record()
