@@ -83,9 +83,9 @@ def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor):
 
 def gpt_forward_step(data_iterator: Iterator | None, model: torch.nn.Module):
     """Megatron forward step for causal LM batches from GPTDataset-style dicts."""
-    batch = next(data_iterator)
-    tokens = batch["tokens"]
-    output = model(tokens, batch["position_ids"], None, labels=batch["labels"])
+    batch = {key: value.cuda(non_blocking=True) for key, value in next(data_iterator).items()
+             if isinstance(value, torch.Tensor)}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
 
 

@@ -88,7 +88,8 @@ def data_iterator(dataset, args: argparse.Namespace, consumed_samples: int) -> I
         data_parallel_size=parallel_state.get_data_parallel_world_size(),
     )
     loader = torch.utils.data.DataLoader(
-        dataset, batch_sampler=sampler, num_workers=args.num_workers, pin_memory=False,
+        dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        pin_memory=torch.cuda.is_available(),
         persistent_workers=args.num_workers > 0,
     )
 

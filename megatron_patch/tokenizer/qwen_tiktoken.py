@@ -1,0 +1,58 @@
+"""Qwen-1 style tiktoken BPE (``qwen.tiktoken``: one ``base64-token rank`` pair per line)."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import unicodedata
+from pathlib import Path
+
+from megatron_patch.tokenizer.base import Tokenizer, require_file
+
+# Qwen-1's pre-tokenisation pattern and special tokens (ids follow the BPE ranks, in order).
+QWEN_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+                r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>",
+                       *(f"<|extra_{i}|>" for i in range(205)))
+
+
+def load_ranks(file: Path) -> dict[bytes, int]:
+    """The ``token -> rank`` table of a tiktoken BPE file; errors name the file and line."""
+    ranks: dict[bytes, int] = {}
+    for number, line in enumerate(file.read_bytes().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except (ValueError, binascii.Error) as error:
+            raise ValueError(f"TikTokenizer: {file}:{number} is not a 'base64-token rank' "
+                             f"line: {line[:80]!r}") from error
+    if not ranks:
+        raise ValueError(f"TikTokenizer: {file} holds no BPE ranks")
+    return ranks
+
+
+class TikTokenizer(Tokenizer):
+    """Qwen-1 tokenizer: ``qwen.tiktoken`` ranks + ``<|endoftext|>``, ``<|im_start|>``, ... ."""
+
+    def __init__(self, path: str | None, extra_vocab_size: int = 0) -> None:
+        super().__init__(path, extra_vocab_size)
+        import tiktoken
+
+        file = require_file(type(self).__name__, path, "qwen.tiktoken")
+        ranks = load_ranks(file)
+        first_special = max(ranks.values()) + 1
+        specials = {token: first_special + i for i, token in enumerate(QWEN_SPECIAL_TOKENS)}
+        self._encoding = tiktoken.Encoding(name=f"qwen-{file.stem}", pat_str=QWEN_PATTERN,
+                                           mergeable_ranks=ranks, special_tokens=specials)
+        self.base_vocab_size = self._encoding.n_vocab
+        self.eod = self.pad = specials["<|endoftext|>"]
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of NFC-normalised ``text`` (special-token strings become their ids)."""
+        return self._encoding.encode(unicodedata.normalize("NFC", text), allowed_special="all")
+
+    def detokenize(self, ids: list[int]) -> str:
+        """Text of token ``ids``."""
+        return self._encoding.decode(list(ids))
