@@ -48,8 +48,13 @@ def add_patch_arguments(
     group.add_argument("--dataset", default="mmap", choices=["mmap", "mock"],
                        help="Pretraining data source: Megatron indexed datasets given by "
                             "--data-path, or mock tokens.")
+    group.add_argument("--no-torch-compile-layers", dest="torch_compile_layers",
+                       action="store_false",
+                       help="Do not torch.compile the transformer layers (compiled by default on "
+                            "GPUs without Transformer Engine: fuses norms, rope, SwiGLU).")
     backends = available_backends()
     parser.set_defaults(
+        torch_compile_layers=backends.cuda and not backends.transformer_engine,
         apply_rope_fusion=backends.transformer_engine,
         gradient_accumulation_fusion=backends.apex or backends.transformer_engine,
         masked_softmax_fusion=backends.apex,

@@ -64,8 +64,12 @@ def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: i
     std = config.init_method_std
     if name.endswith(_OUTPUT_PROJECTIONS):
         std = std / math.sqrt(2.0 * config.num_layers)
-    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    full = torch.empty(shape, dtype=torch.float32).normal_(0.0, std, generator=generator)
+    # Drawn on the parameter's device: a GPU fills billions of parameters in seconds. The
+    # stream is per device type, so layouts agree with each other on the same kind of device.
+    generator = torch.Generator(device=param.device)
+    generator.manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    full = torch.empty(shape, dtype=torch.float32, device=param.device)
+    full.normal_(0.0, std, generator=generator)
     if partitioned:
         full = tp_shard(full, dim, parallel_state.get_tensor_model_parallel_rank(), tp_size,
                         gated=is_gated_fc1(name, config.gated_linear_unit))

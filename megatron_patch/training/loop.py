@@ -32,6 +32,11 @@ from megatron.training.training import (
 
 from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
 from megatron_patch.models.init import init_layout_invariant
+from megatron_patch.runtime.gpu_fast_paths import (
+    apply_gpu_fast_paths,
+    compile_transformer_layers,
+    use_fused_adam,
+)
 from megatron_patch.training.logging import TrainingLogger
 
 ForwardStep = Callable[[Iterator | None, torch.nn.Module], tuple]
@@ -55,8 +60,11 @@ def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
 
     def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
                  pg_collection=None):
-        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                               post_process, vp_stage)
+        model = build_gpt_model(args, transformer_config_from_args(args), pre_process,
+                                post_process, vp_stage)
+        if args.torch_compile_layers:
+            compile_transformer_layers(model)
+        return model
 
     model = get_model(provider, ModelType.encoder_or_decoder)
     if not args.load:
@@ -70,6 +78,8 @@ def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
         state.iteration, state.flops_so_far = load_checkpoint(
             model, optimizer, scheduler, strict=True
         )
+    if apply_gpu_fast_paths():
+        use_fused_adam(optimizer)
     return state
 
 

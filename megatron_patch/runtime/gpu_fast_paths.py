@@ -1,0 +1,107 @@
+"""Fast torch-native replacements for the apex/TE kernels Megatron-Core falls back from on GPUs.
+
+Targets megatron-core 0.19.x. Without Transformer Engine or apex, Megatron-Core uses:
+
+- ``local_multi_tensor_l2_norm`` for the gradient norm: one ``torch.norm`` per tensor, each read
+  back to the host (a device synchronisation per parameter);
+- ``local_multi_tensor_scale``: one kernel pair per tensor for grad clipping and buffer copies;
+- ``torch.optim.AdamW`` in its default multi-tensor (foreach) mode.
+
+Here they become single ``torch._foreach_*`` launches with no host round trip, and the Adam
+parameter groups switch to torch's fused CUDA kernel (``fused=True``). Applied only on CUDA when
+neither TE nor apex is installed; ``tests/test_gpu_fast_paths.py`` checks the patched symbols and
+the numerics against the upstream implementations on the CPU.
+
+:func:`compile_transformer_layers` (``--no-torch-compile-layers`` to opt out) compiles each
+transformer layer, the fusion Transformer Engine's kernels would otherwise provide.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_patch.runtime.backends import available_backends
+
+
+def foreach_l2_norm(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list],
+                    per_tensor: bool, *args) -> tuple[torch.Tensor, None]:
+    """Drop-in for ``amp_C.multi_tensor_l2norm``: the global L2 norm, kept on the device."""
+    tensors = tensor_lists[0]
+    if not tensors:
+        return torch.zeros(1, dtype=torch.float, device=noop_flag.device), None
+    norms = torch._foreach_norm(tensors)
+    total = torch.linalg.vector_norm(torch.stack([n.float() for n in norms]))
+    return total.reshape(1), None
+
+
+def foreach_scale(chunk_size: int, noop_flag: torch.Tensor, tensor_lists: list[list],
+                  scale: float | torch.Tensor) -> None:
+    """Drop-in for ``amp_C.multi_tensor_scale``: ``dst = src * scale`` for each pair."""
+    sources, destinations = tensor_lists[0], tensor_lists[1]
+    if not sources:
+        return
+    if all(s is d for s, d in zip(sources, destinations)):
+        torch._foreach_mul_(destinations, scale)
+    else:
+        torch._foreach_copy_(destinations, torch._foreach_mul(sources, scale))
+
+
+_PATCHED = False
+
+
+def apply_gpu_fast_paths() -> bool:
+    """Install the foreach kernels in Megatron-Core's fallbacks; returns whether active."""
+    global _PATCHED
+    backends = available_backends()
+    if not backends.cuda or backends.transformer_engine or backends.apex:
+        return False
+    if not _PATCHED:
+        from megatron.core.optimizer import clip_grads, optimizer
+
+        clip_grads.l2_norm_impl = foreach_l2_norm
+        clip_grads.multi_tensor_scale_impl = foreach_scale
+        optimizer.multi_tensor_scale_impl = foreach_scale
+        _PATCHED = True
+    return True
+
+
+def _torch_optimizers(optimizer) -> list[torch.optim.Optimizer]:
+    inner = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [getattr(o, "optimizer", o) for o in inner if getattr(o, "optimizer", None)]
+
+
+def use_fused_adam(optimizer) -> int:
+    """Switch torch Adam/AdamW groups whose parameters are all on CUDA to the fused kernel.
+
+    Returns the number of parameter groups switched. Megatron-Core builds ``torch.optim.AdamW``
+    without ``fused``; the flag is read per step, so setting it on the groups is enough.
+    """
+    switched = 0
+    for torch_optimizer in _torch_optimizers(optimizer):
+        if not isinstance(torch_optimizer, torch.optim.Adam | torch.optim.AdamW):
+            continue
+        for group in torch_optimizer.param_groups:
+            if group.get("fused") or group.get("capturable"):
+                continue
+            if all(p.is_cuda and p.is_floating_point() for p in group["params"]):
+                group["fused"], group["foreach"] = True, False
+                switched += 1
+                for param in group["params"]:  # fused kernels keep the step count on device
+                    state = torch_optimizer.state.get(param, {})
+                    if "step" in state and not state["step"].is_cuda:
+                        state["step"] = state["step"].to(param.device, torch.float32)
+    return switched
+
+
+def compile_transformer_layers(model: torch.nn.Module) -> int:
+    """``torch.compile`` the forward of every transformer layer of a (wrapped) model chunk.
+
+    Without Transformer Engine the layer's norms, rotary embedding, SwiGLU and residual adds
+    are separate kernels; compiled, they fuse around the matmuls. Returns the layer count.
+    """
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward)
+    return len(layers)
