@@ -38,12 +38,17 @@ def build_gpt_model(
     pre_process: bool = True,
     post_process: bool = True,
     vp_stage: int | None = None,
+    transformer_engine: bool | None = None,
 ) -> GPTModel:
-    """One model chunk (a pipeline stage, or a virtual stage with ``vp_stage``)."""
+    """One model chunk (a pipeline stage, or a virtual stage with ``vp_stage``).
+
+    ``transformer_engine``: force (True) or forbid (False) Transformer Engine modules; None
+    uses them when installed.
+    """
     family = family_from_args(args)
     return GPTModel(
         config=config,
-        transformer_layer_spec=family.decoder_spec(config, vp_stage),
+        transformer_layer_spec=family.decoder_spec(config, vp_stage, transformer_engine),
         vocab_size=args.padded_vocab_size,
         max_sequence_length=args.max_position_embeddings,
         pre_process=pre_process,

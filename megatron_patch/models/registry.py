@@ -39,15 +39,21 @@ class ModelFamily:
     qk_layernorm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def layer_spec(self, config: TransformerConfig) -> ModuleSpec:
-        """Decoder-layer spec for this family."""
-        return build_layer_spec(config, qk_layernorm=self.qk_layernorm)
+    def layer_spec(
+        self, config: TransformerConfig, transformer_engine: bool | None = None
+    ) -> ModuleSpec:
+        """Decoder-layer spec for this family (Transformer Engine when installed, or as told)."""
+        return build_layer_spec(config, self.qk_layernorm, transformer_engine)
 
     def decoder_spec(
-        self, config: TransformerConfig, vp_stage: int | None = None
+        self,
+        config: TransformerConfig,
+        vp_stage: int | None = None,
+        transformer_engine: bool | None = None,
     ) -> TransformerBlockSubmodules:
         """Decoder-block spec of one pipeline (virtual) stage."""
-        return build_block_spec(config, self.layer_spec(config), vp_stage)
+        return build_block_spec(config, self.layer_spec(config, transformer_engine), vp_stage,
+                                transformer_engine)
 
 
 _FAMILIES: dict[str, ModelFamily] = {}

@@ -3,6 +3,12 @@
 Drop-in for Megatron-Core's ``DotProductAttention`` (same constructor and forward signature):
 causal and GQA attention without materialising an ``s x s`` mask, so torch picks its fused
 kernels (flash / cuDNN / memory-efficient on GPUs, the fused CPU kernel otherwise).
+
+Sliding-window attention follows ``config.window_size = (left, 0)`` with Transformer Engine's
+meaning: query ``i`` attends keys ``i - left .. i``. It is applied as a boolean mask.
+
+Packed sequences (``PackedSeqParams``, THD) attend row by row under a block-diagonal causal mask
+built from ``cu_seqlens`` (``models/common/packed_seq.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +25,8 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+
+from megatron_patch.models.common.packed_seq import pack_thd, unpack_thd
 
 
 class SDPAttention(MegatronModule):
@@ -41,8 +49,7 @@ class SDPAttention(MegatronModule):
                 "context parallelism needs Transformer Engine attention; install "
                 "transformer-engine or set --context-parallel-size 1"
             )
-        if config.window_size is not None:
-            raise ValueError("sliding-window attention is not supported by SDPAttention yet")
+        self.window_left = _window_left(config)
         if pg_collection is None:
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
         tp_size = pg_collection.tp.size()
@@ -67,13 +74,18 @@ class SDPAttention(MegatronModule):
         packed_seq_params: PackedSeqParams | None = None,
     ) -> torch.Tensor:
         """Attend [sq, b, np, hn] queries to [sk, b, ng, hn] keys/values -> [sq, b, np*hn]."""
-        if packed_seq_params is not None:
-            raise ValueError("packed sequences are not supported by SDPAttention yet")
+        if packed_seq_params is not None:  # THD [t, heads, hn] -> rows + document mask
+            query, key, value, attention_mask = unpack_thd(query, key, value, attention_mask,
+                                                           packed_seq_params)
         mask_type = attn_mask_type or self.attn_mask_type
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         mask = None
         if attention_mask is not None:
             mask = ~attention_mask  # Megatron masks are True where attention is forbidden
+        if self.window_left is not None:
+            window = _window_mask(query.shape[0], key.shape[0], self.window_left, query.device)
+            mask = window if mask is None else mask & window
+            causal = False
         if attention_bias is not None:
             mask = attention_bias if mask is None else attention_bias.masked_fill(~mask, -1e30)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
@@ -92,4 +104,27 @@ class SDPAttention(MegatronModule):
                 enable_gqa=self.num_heads != self.num_groups,
             )
         sq, b = out.shape[2], out.shape[0]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)
+        return out if packed_seq_params is None else pack_thd(out)
+
+
+def _window_left(config: TransformerConfig) -> int | None:
+    """Left extent of the attention window, None for full causal attention."""
+    if config.window_size is None:
+        return None
+    if config.window_attn_skip_freq is not None:
+        raise ValueError("window_attn_skip_freq is not supported by SDPAttention")
+    left, right = config.window_size
+    if left < 0 or right != 0:
+        raise ValueError(
+            f"window_size={tuple(config.window_size)} is not supported by SDPAttention; "
+            "expected (left >= 0, 0)"
+        )
+    return int(left)
+
+
+def _window_mask(sq: int, sk: int, left: int, device: torch.device) -> torch.Tensor:
+    """Causal sliding-window mask [sq, sk], True where query i may attend key j."""
+    q = torch.arange(sq, device=device)[:, None] + (sk - sq)
+    k = torch.arange(sk, device=device)[None, :]
+    return (k <= q) & (k >= q - left)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -86,12 +87,53 @@ def _rope_to_megatron(hf: HFConfig) -> MegatronArgs:
     )
 
 
+def _effective_window(hf: HFConfig) -> int | None:
+    """``sliding_window``, or None when it covers ``max_position_embeddings`` (a no-op)."""
+    window = hf.get("sliding_window")
+    if window is None or int(window) >= int(hf.get("max_position_embeddings", 0)):
+        return None
+    return int(window)
+
+
+def mistral_window(hf: HFConfig) -> int | None:
+    """Mistral: ``sliding_window`` applies to every layer (``layer_types`` is ignored by HF)."""
+    return _effective_window(hf)
+
+
+def qwen_window(hf: HFConfig) -> int | None:
+    """Qwen2/3: a window only with ``use_sliding_window``, on the layers ``layer_types`` marks.
+
+    Without ``layer_types`` (configs written before transformers 5) layers from
+    ``max_window_layers`` on slide. Mixing full and sliding layers is not supported.
+    """
+    if not hf.get("use_sliding_window"):
+        return None
+    layers = int(_require(hf, "num_hidden_layers"))
+    first = int(hf.get("max_window_layers", 0))
+    kinds = set(hf.get("layer_types") or
+                ["full_attention"] * min(first, layers) + ["sliding_attention"] * (layers - first))
+    if kinds == {"full_attention"}:
+        return None
+    if kinds != {"sliding_attention"}:
+        raise UnsupportedConfigError(
+            f"config.json: layer_types/max_window_layers mix {sorted(kinds)}; only all-full or "
+            "all-sliding attention is supported"
+        )
+    return _effective_window(hf)
+
+
 def llama_style_to_megatron(
-    hf: HFConfig, *, qkv_bias: bool = False, qk_layernorm: bool = False
+    hf: HFConfig,
+    *,
+    qkv_bias: bool = False,
+    qk_layernorm: bool = False,
+    window: Callable[[HFConfig], int | None] | None = None,
 ) -> MegatronArgs:
     """Map a llama-style HF config to Megatron argument values.
 
-    ``qkv_bias``: the family always has a bias on q/k/v only (Qwen2).
+    ``qkv_bias``: the family always has a bias on q/k/v only (Qwen2). ``qk_layernorm``: per-head
+    RMSNorm on q and k (Qwen3). ``window``: how the family reads its sliding window (HF
+    semantics: the token and ``window - 1`` before it); None: the family has none.
     """
     _expect(hf, "hidden_act", ("silu",), "silu")
     for field in ("mlp_bias", "attention_bias"):
@@ -103,12 +145,7 @@ def llama_style_to_megatron(
     hidden = int(_require(hf, "hidden_size"))
     kv_heads = int(hf.get("num_key_value_heads") or heads)
     head_dim = int(hf.get("head_dim") or hidden // heads)
-    sliding = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
-    if sliding is not None and sliding < int(hf.get("max_position_embeddings", 0)):
-        raise UnsupportedConfigError(
-            f"config.json: sliding_window={sliding} below max_position_embeddings is not "
-            "supported yet"
-        )
+    window_tokens = window(hf) if window else None
     return {
         "num_layers": int(_require(hf, "num_hidden_layers")),
         "hidden_size": hidden,
@@ -129,12 +166,32 @@ def llama_style_to_megatron(
         "attention_dropout": float(hf.get("attention_dropout", 0.0)),
         "hidden_dropout": 0.0,
         "init_method_std": float(hf.get("initializer_range", 0.02)),
+        # Transformer Engine's (left, right) window: query i attends keys i-left .. i.
+        "window_size": None if window_tokens is None else (window_tokens - 1, 0),
         **_rope_to_megatron(hf),
     }
 
 
-def megatron_to_llama_style(args: Any, architecture: str, model_type: str) -> HFConfig:
-    """Inverse of :func:`llama_style_to_megatron`: an HF config dict from Megatron args."""
+def megatron_window(args: Any) -> int | None:
+    """HF ``sliding_window`` from Megatron's ``window_size`` (None: full attention)."""
+    window = getattr(args, "window_size", None)
+    return None if window is None else int(window[0]) + 1
+
+
+def qwen_window_fields(args: Any) -> HFConfig:
+    """Qwen2/3 ``config.json`` window fields for Megatron's ``window_size``."""
+    window = megatron_window(args)
+    return {"use_sliding_window": window is not None, "sliding_window": window,
+            "max_window_layers": 0 if window else args.num_layers}
+
+
+def megatron_to_llama_style(
+    args: Any, architecture: str, model_type: str, **extra: Any
+) -> HFConfig:
+    """Inverse of :func:`llama_style_to_megatron`: an HF config dict from Megatron args.
+
+    ``extra`` adds family-specific fields (e.g. Qwen3's ``attention_bias``).
+    """
     rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
     if getattr(args, "use_rope_scaling", False):
         rope = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
@@ -162,6 +219,6 @@ def megatron_to_llama_style(args: Any, architecture: str, model_type: str) -> HF
         "rope_parameters": rope,
         "rope_theta": rope["rope_theta"],
     }
-    if math.isclose(args.rotary_percent, 1.0) is False:
+    if not math.isclose(args.rotary_percent, 1.0):
         config["partial_rotary_factor"] = args.rotary_percent
-    return config
+    return {**config, **extra}

@@ -48,9 +48,15 @@ def use_transformer_engine() -> bool:
     return HAVE_TE
 
 
-def build_layer_spec(config: TransformerConfig, qk_layernorm: bool = False) -> ModuleSpec:
-    """Return the decoder-layer spec for ``config`` on the best available backend."""
-    if use_transformer_engine():
+def build_layer_spec(
+    config: TransformerConfig, qk_layernorm: bool = False, transformer_engine: bool | None = None
+) -> ModuleSpec:
+    """Return the decoder-layer spec for ``config`` on the best available backend.
+
+    ``transformer_engine=False`` forces the torch-native modules (checkpoint conversion builds
+    its parameter layout from them; their ``torch_dist`` keys equal Transformer Engine's).
+    """
+    if use_transformer_engine() if transformer_engine is None else transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec(
             num_experts=config.num_moe_experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
@@ -89,10 +95,13 @@ def build_layer_spec(config: TransformerConfig, qk_layernorm: bool = False) -> M
 
 
 def build_block_spec(
-    config: TransformerConfig, layer_spec: ModuleSpec, vp_stage: int | None = None
+    config: TransformerConfig,
+    layer_spec: ModuleSpec,
+    vp_stage: int | None = None,
+    transformer_engine: bool | None = None,
 ) -> TransformerBlockSubmodules:
     """The decoder block of this pipeline (virtual) stage, with the backend's final norm."""
-    if use_transformer_engine():
+    if use_transformer_engine() if transformer_engine is None else transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm

@@ -1,0 +1,73 @@
+"""``megatron-patch verify``: compare HF and Megatron logits for the same weights.
+
+    megatron-patch verify --hf-dir H --mcore-dir M [--tp N] [--pp N] [--tolerance 1e-4]
+        [--batch-size 2] [--seq-length 64]
+
+Prints the max abs logits difference; exits 1 above the tolerance. With ``tp * pp > 1`` it
+relaunches itself under torchrun with that many processes (gloo on the CPU, nccl on GPUs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Sequence
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="megatron-patch verify",
+                                     description="Run an HF model and its Megatron checkpoint "
+                                                 "on the same tokens; compare the logits.")
+    parser.add_argument("--hf-dir", required=True, help="HF model directory")
+    parser.add_argument("--mcore-dir", required=True, help="Megatron checkpoint directory")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size to run at")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size to run at")
+    parser.add_argument("--tolerance", type=float, default=1e-4,
+                        help="largest accepted max abs logits difference")
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--seq-length", type=int, default=64)
+    return parser
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _relaunch(argv: list[str], nproc: int) -> int:
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
+               "--master-port", str(_free_port()), "-m", __name__, *argv]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return subprocess.run(command, env=env).returncode
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``megatron-patch verify ...``; returns 0 within the tolerance, else 1."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    world = args.tp * args.pp
+    if int(os.environ.get("WORLD_SIZE", "1")) < world:
+        return _relaunch(argv, world)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import torch
+
+    from megatron_patch.conversion.verify import compare_logits
+
+    diff = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp,
+                          batch_size=args.batch_size, seq_length=args.seq_length)
+    torch.distributed.destroy_process_group()
+    ok = diff <= args.tolerance
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"max abs logits diff: {diff:.3e} (tolerance {args.tolerance:g}, tp={args.tp}, "
+              f"pp={args.pp}): {'OK' if ok else 'FAILED'}", flush=True)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

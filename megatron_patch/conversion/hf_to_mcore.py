@@ -1,0 +1,181 @@
+"""Hugging Face model directory -> Megatron-Core release checkpoint."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from megatron_patch.conversion.engine import ConversionError, check_hf_names, rule_hf_names
+from megatron_patch.conversion.files import atomic_directory, copy_model_files
+from megatron_patch.conversion.hf_io import HFCheckpoint, dtype_name, parse_dtype
+from megatron_patch.conversion.layout import (
+    build_layout,
+    hf_embedding_name,
+    parse_megatron_args,
+    pipeline_chunks,
+    single_process_group,
+)
+from megatron_patch.conversion.legacy import save_legacy
+from megatron_patch.conversion.metadata import write_checkpoint_metadata
+from megatron_patch.conversion.torch_dist import save_torch_dist
+from megatron_patch.models.builder import transformer_config_from_args
+from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.registry import MegatronArgs, family_for_hf_config
+from megatron_patch.models.vocab import needed_vocab_rows, padded_vocab_size
+
+TRACKER_FILE = "latest_checkpointed_iteration.txt"
+FORMATS = ("torch_dist", "legacy")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
+
+
+def tokenizer_size(hf_dir: Path) -> int | None:
+    """Tokens of the HF tokenizer in ``hf_dir`` (added tokens included); None without one."""
+    if not any(next(hf_dir.glob(pattern), None) for pattern in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    try:
+        return len(AutoTokenizer.from_pretrained(hf_dir))
+    except (OSError, ValueError) as exc:
+        warnings.warn(f"{hf_dir}: tokenizer not loadable ({exc}); sizing the vocabulary from the "
+                      "embedding rows", stacklevel=2)
+        return None
+
+
+def _layout_values(tp: int, pp: int, vpp: int | None, first: int | None,
+                   last: int | None) -> MegatronArgs:
+    values = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
+              "num_virtual_stages_per_pipeline_rank": vpp,
+              "decoder_first_pipeline_num_layers": first,
+              "decoder_last_pipeline_num_layers": last}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+def _check_parallel(model: MegatronArgs, tp: int, pp: int, vpp: int | None) -> None:
+    for field in ("num_attention_heads", "num_query_groups"):
+        if model[field] % tp:
+            raise ConversionError(f"--tp {tp} must divide {field}={model[field]} "
+                                  "(Megatron splits attention heads and key/value groups)")
+    if vpp and pp == 1:
+        raise ConversionError("--vpp needs --pp > 1")
+
+
+@dataclass(frozen=True)
+class VocabSizes:
+    """How the vocabulary was sized (recorded in the metadata)."""
+
+    hf_vocab_rows: int  # rows of the HF embedding
+    tokenizer_vocab_size: int | None
+    extra_vocab_size: int
+    vocab_rows: int  # rows that carry tokens: max(HF rows, tokenizer + extra); kept on export
+    make_vocab_size_divisible_by: int
+    padded_vocab_size: int  # Megatron's embedding rows
+
+
+def size_vocabulary(hf_dir: Path, hf_rows: int, extra: int, divisible_by: int,
+                    tp: int) -> VocabSizes:
+    """Vocabulary rows from the HF embedding, its tokenizer and ``--extra-vocab-size``."""
+    tokens = tokenizer_size(hf_dir)
+    rows = needed_vocab_rows(tokens or hf_rows, hf_rows, extra)
+    return VocabSizes(hf_rows, tokens, extra, rows, divisible_by,
+                      padded_vocab_size(rows, divisible_by, tp))
+
+
+def _saved_args(args: argparse.Namespace, layout: MegatronArgs, dtype: torch.dtype
+                ) -> argparse.Namespace:
+    """The args stored in the checkpoint: as parsed, with the layout it was written for."""
+    saved = copy.copy(args)
+    vars(saved).update(layout)
+    saved.virtual_pipeline_model_parallel_size = layout.get("num_virtual_stages_per_pipeline_rank")
+    saved.params_dtype = dtype
+    return saved
+
+
+def convert_hf_to_mcore(
+    hf_dir: str | Path,
+    out: str | Path,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    vpp: int | None = None,
+    dtype: str | torch.dtype | None = None,
+    extra_vocab_size: int = 0,
+    make_vocab_size_divisible_by: int = 128,
+    ckpt_format: str = "torch_dist",
+    decoder_first_pipeline_num_layers: int | None = None,
+    decoder_last_pipeline_num_layers: int | None = None,
+    progress: bool = True,
+) -> Path:
+    """Convert the HF model in ``hf_dir`` into a Megatron release checkpoint at ``out``.
+
+    ``torch_dist`` (default) loads at any TP/PP/VPP; ``tp`` still sets the vocabulary padding
+    (``make_vocab_size_divisible_by * tp``) and the layout recorded in the metadata. ``legacy``
+    writes ``release/mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly ``tp``/``pp``/``vpp``.
+    ``dtype`` defaults to that of the HF weights. Returns ``out``.
+    """
+    if ckpt_format not in FORMATS:
+        raise ValueError(f"ckpt_format={ckpt_format!r}; use one of {FORMATS}")
+    hf_dir = Path(hf_dir)
+    hf_config = load_hf_config(hf_dir)
+    family = family_for_hf_config(hf_config)
+    model = family.hf_to_megatron(hf_config)
+    _check_parallel(model, tp, pp, vpp)
+    reader = HFCheckpoint(hf_dir)
+    layout_values = _layout_values(tp, pp, vpp, decoder_first_pipeline_num_layers,
+                                   decoder_last_pipeline_num_layers)
+    with atomic_directory(out) as scratch, single_process_group(scratch):
+        args = parse_megatron_args([
+            "--hf-config-path", str(hf_dir), "--micro-batch-size", "1",
+            "--seq-length", str(model["max_position_embeddings"]),
+            "--make-vocab-size-divisible-by", str(make_vocab_size_divisible_by)])
+        config = transformer_config_from_args(args)
+        chunks = pipeline_chunks(config, pp, vpp, decoder_first_pipeline_num_layers,
+                                 decoder_last_pipeline_num_layers)
+        rules = family.weight_mappings(config, not args.untie_embeddings_and_output_weights)
+        check_hf_names(rule_hf_names(rules, config.num_layers), reader.names, str(hf_dir))
+        embedding = hf_embedding_name(family, config)
+        vocab = size_vocabulary(hf_dir, reader.shape(embedding)[0], extra_vocab_size,
+                                make_vocab_size_divisible_by, tp)
+        args.padded_vocab_size = vocab.padded_vocab_size
+        hf_dtype = reader.dtype(embedding)
+        out_dtype = parse_dtype(dtype) if dtype else hf_dtype
+        layout = build_layout(args, family, out_dtype)
+        weights = layout.weight_map(hf_vocab_rows=vocab.hf_vocab_rows)
+
+        def source(name: str) -> torch.Tensor:
+            hf = {hf_name: reader.get(hf_name) for hf_name in weights.hf_names(name)}
+            return weights.to_megatron(name, hf).to(out_dtype)
+
+        release = scratch / "release"
+        release.mkdir()
+        common = {"args": _saved_args(args, layout_values, out_dtype), "checkpoint_version": 3.0,
+                  "iteration": 0}
+        if ckpt_format == "torch_dist":
+            save_torch_dist(layout, release, source, common, progress)
+        else:
+            save_legacy(layout, release, source, common, chunks, tp, progress)
+        (scratch / TRACKER_FILE).write_text("release")
+        shutil.copy2(hf_dir / "config.json", scratch / "config.json")
+        copy_model_files(hf_dir, scratch)
+        write_checkpoint_metadata(scratch, {
+            "format_version": 1,
+            "family": family.name,
+            "checkpoint_format": ckpt_format,
+            # Architecture defaults for `--load`; a legacy checkpoint also fixes its layout.
+            "megatron_args": {**model, **(layout_values if ckpt_format == "legacy" else {})},
+            "layout": {"tp": tp, "pp": pp, "vpp": vpp,
+                       "decoder_first_pipeline_num_layers": decoder_first_pipeline_num_layers,
+                       "decoder_last_pipeline_num_layers": decoder_last_pipeline_num_layers},
+            "hf_config": hf_config,
+            **dataclasses.asdict(vocab),
+            "dtype": dtype_name(out_dtype),
+            "hf_dtype": dtype_name(hf_dtype),
+        })
+    return Path(out)

@@ -1,0 +1,110 @@
+"""Megatron-Core checkpoint (converted or trained; any TP/PP; either format) -> HF model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from megatron.core import dist_checkpointing
+from tqdm import tqdm
+
+from megatron_patch.conversion.engine import ConversionError
+from megatron_patch.conversion.files import atomic_directory, copy_model_files
+from megatron_patch.conversion.hf_io import (
+    ShardedSafetensorsWriter,
+    dtype_name,
+    parse_dtype,
+    parse_size,
+)
+from megatron_patch.conversion.hf_to_mcore import TRACKER_FILE
+from megatron_patch.conversion.layout import (
+    build_layout,
+    family_of,
+    single_process_group,
+    single_stage_args,
+)
+from megatron_patch.conversion.legacy import LegacyCheckpoint
+from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.conversion.torch_dist import TorchDistCheckpoint
+from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.registry import family_for_hf_config, get_family
+
+
+def checkpoint_directory(mcore_dir: Path) -> Path:
+    """The directory of the checkpoint ``latest_checkpointed_iteration.txt`` points at.
+
+    ``mcore_dir`` may also be a checkpoint directory itself (``release/``, ``iter_0000100/``).
+    """
+    tracker = mcore_dir / TRACKER_FILE
+    if not tracker.is_file():
+        if (mcore_dir / "metadata.json").is_file() or next(mcore_dir.glob("mp_rank_*"), None):
+            return mcore_dir
+        raise FileNotFoundError(f"{mcore_dir}: no {TRACKER_FILE} and no checkpoint files")
+    text = tracker.read_text().strip()
+    directory = mcore_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{tracker} points at {directory}, which does not exist")
+    return directory
+
+
+def open_checkpoint(directory: Path) -> TorchDistCheckpoint | LegacyCheckpoint:
+    """A reader for a ``torch_dist`` or legacy checkpoint directory."""
+    if dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
+        return TorchDistCheckpoint(directory)
+    return LegacyCheckpoint(directory)
+
+
+def convert_mcore_to_hf(
+    mcore_dir: str | Path,
+    out: str | Path,
+    *,
+    hf_template: str | Path | None = None,
+    dtype: str | None = None,
+    max_shard_size: int | str = "5GB",
+    progress: bool = True,
+) -> Path:
+    """Write the Megatron checkpoint in ``mcore_dir`` as an HF model directory at ``out``.
+
+    The architecture comes from the args saved in the checkpoint; ``config.json`` and the
+    tokenizer files from ``hf_template`` if given, else from the conversion metadata and files
+    in ``mcore_dir``. ``dtype`` defaults to the dtype of the original HF weights (if recorded),
+    else to the checkpoint's. Vocabulary padding is stripped. Returns ``out``.
+    """
+    mcore_dir = Path(mcore_dir)
+    metadata = checkpoint_metadata(mcore_dir) or {}
+    template = load_hf_config(hf_template) if hf_template else None
+    files_from = Path(hf_template) if hf_template else mcore_dir
+    directory = checkpoint_directory(mcore_dir)
+    with atomic_directory(out) as scratch, single_process_group(scratch):
+        checkpoint = open_checkpoint(directory)
+        if checkpoint.args is None:
+            raise ConversionError(f"{directory}: the checkpoint holds no Megatron args")
+        if metadata:
+            family = get_family(metadata["family"])
+        elif getattr(checkpoint.args, "model_family", None) or template is None:
+            family = family_of(checkpoint.args)
+        else:
+            family = family_for_hf_config(template)
+        args = single_stage_args(checkpoint.args, family)
+        layout = build_layout(args, family, checkpoint.dtype)
+        hf_config = template or metadata.get("hf_config") or family.megatron_to_hf(args)
+        rows = int((template or {}).get("vocab_size") or metadata.get("vocab_rows")
+                   or args.vocab_size or args.padded_vocab_size)
+        out_dtype = parse_dtype(dtype or metadata.get("hf_dtype") or checkpoint.dtype)
+        weights = layout.weight_map(hf_vocab_rows=rows)
+        checkpoint.check(layout)
+        writer = ShardedSafetensorsWriter(scratch, parse_size(max_shard_size))
+        for group in tqdm(layout.groups(), desc="writing safetensors", unit="layer",
+                          disable=not progress):
+            tensors = checkpoint.load(group)
+            for name in group:
+                for hf_name, tensor in weights.to_hf(name, tensors.pop(name)).items():
+                    writer.add(hf_name, tensor.to(out_dtype))
+        writer.finish()
+        config = {**hf_config, "vocab_size": rows, "dtype": dtype_name(out_dtype)}
+        if "torch_dtype" in config:
+            config["torch_dtype"] = config["dtype"]
+        (scratch / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        copy_model_files(files_from, scratch)
+    return Path(out)
+

@@ -1,0 +1,138 @@
+"""Run an HF model and its Megatron checkpoint on the same tokens and compare the logits.
+
+The Megatron side is built and loaded exactly as training does (``parse_training_args`` with
+``--load``, ``get_model``, ``megatron.training.checkpointing.load_checkpoint``), at any TP/PP,
+so a passing comparison also shows that training can start from the checkpoint. Call
+:func:`compare_logits` on every rank of a world of ``tp * pp`` (or a multiple) processes.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.training.checkpointing import load_checkpoint
+from megatron.training.training import get_model
+
+from megatron_patch.conversion.layout import parse_megatron_args
+from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.training.initialize import initialize
+from megatron_patch.training.pretrain import set_padded_vocab
+
+
+def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the HF model in ``hf_dir``, run on the CPU (loaded offline)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=tokens).logits.float()
+    del model
+    gc.collect()
+    return logits
+
+
+def _device() -> torch.device:
+    """Where Megatron's tensors live (and what the collectives need): the GPU, else the CPU."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+
+
+def _forward_step(data_iterator, model):
+    tokens, position_ids = (t.to(_device()) for t in next(data_iterator))
+    return model(tokens, position_ids, None), _logits_only
+
+
+def _logits_only(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+    return output
+
+
+def forward_logits(model: list[torch.nn.Module], tokens: torch.Tensor) -> torch.Tensor | None:
+    """Full-vocabulary logits of Megatron model chunks (any TP/PP); None off the last stage."""
+    for chunk in model:
+        chunk.eval()
+    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    batches = [iter([(tokens, positions)]) for _ in model]
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=_forward_step,
+            data_iterator=batches if len(batches) > 1 else batches[0],
+            model=model, num_microbatches=1, seq_length=tokens.shape[1],
+            micro_batch_size=tokens.shape[0], forward_only=True, collect_non_loss_data=True,
+        )
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0]).float()
+
+
+def reference_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
+    """HF logits computed on rank 0 (one HF model in memory) and broadcast to every rank."""
+    rows = int(load_hf_config(hf_dir)["vocab_size"])
+    reference = torch.empty(*tokens.shape, rows)
+    if torch.distributed.get_rank() == 0:
+        reference = hf_logits(hf_dir, tokens)
+    reference = reference.to(_device())
+    torch.distributed.broadcast(reference, src=0)
+    return reference
+
+
+def max_abs_diff(logits: torch.Tensor | None, reference: torch.Tensor) -> float:
+    """Max |logits - reference| over the HF vocabulary, reduced over all ranks."""
+    diff = torch.zeros((), device=reference.device)
+    if logits is not None:
+        diff = (logits[..., : reference.shape[-1]] - reference).abs().max()
+    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
+    return float(diff)
+
+
+def random_tokens(vocab: int, batch_size: int, seq_length: int, seed: int = 0) -> torch.Tensor:
+    """The same random token ids on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch_size, seq_length), generator=generator)
+
+
+def megatron_logits(args, tokens: torch.Tensor) -> torch.Tensor | None:
+    """Logits of the checkpoint at ``args.load``, built and loaded as training does."""
+    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                 pg_collection=None):
+        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
+                               post_process, vp_stage)
+
+    model = get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    load_checkpoint(model, None, None, strict=True)
+    return forward_logits(model, tokens)
+
+
+def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                   batch_size: int = 2, seq_length: int = 64, seed: int = 0) -> float:
+    """Max |HF - Megatron| logit over random tokens, identical on every rank.
+
+    Sets up Megatron's parallel state (TP ``tp``, PP ``pp``, data parallel over the remaining
+    ranks) and tears it down again, so several comparisons can run in one process group.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # what Megatron's arguments read
+    global_batch = str(batch_size * max(1, world // (tp * pp)))
+    args = parse_megatron_args([
+        "--load", str(mcore_dir), "--hf-config-path", str(hf_dir),
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--micro-batch-size", str(batch_size), "--global-batch-size", global_batch,
+        "--seq-length", str(seq_length), "--finetune", "--no-load-optim", "--no-load-rng",
+        "--attention-dropout", "0", "--hidden-dropout", "0",
+    ])
+    initialize(args)
+    try:
+        set_padded_vocab(args, None)
+        tokens = random_tokens(int(load_hf_config(hf_dir)["vocab_size"]), batch_size,
+                               seq_length, seed)
+        reference = reference_logits(hf_dir, tokens)
+        return max_abs_diff(megatron_logits(args, tokens), reference)
+    finally:
+        parallel_state.destroy_model_parallel()
+        destroy_num_microbatches_calculator()

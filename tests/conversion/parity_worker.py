@@ -1,0 +1,52 @@
+"""torchrun worker: many HF-vs-Megatron logits comparisons in one process group.
+
+``python -m torch.distributed.run --nproc-per-node N -m tests.conversion.parity_worker CASES OUT``
+reads a JSON list of cases and writes ``{id: max_abs_diff}`` (from rank 0) to OUT. A case is
+``{"id", "hf", "tp", "pp"}`` plus either ``"mcore"`` (a converted checkpoint, loaded the way
+training loads it) or nothing (the model built by ``build_model_from_hf_config``).
+"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_patch.conversion import build_model_from_hf_config, compare_logits
+from megatron_patch.conversion.verify import (
+    forward_logits,
+    max_abs_diff,
+    random_tokens,
+    reference_logits,
+)
+from megatron_patch.models.common.hf_config import load_hf_config
+
+BATCH, SEQ = 2, 32
+
+
+def _from_hf_weights(hf: str, tp: int, pp: int) -> float:
+    parallel_state.initialize_model_parallel(tp, pp)
+    try:
+        model = build_model_from_hf_config(hf)
+        tokens = random_tokens(load_hf_config(hf)["vocab_size"], BATCH, SEQ)
+        return max_abs_diff(forward_logits([model], tokens), reference_logits(hf, tokens))
+    finally:
+        parallel_state.destroy_model_parallel()
+
+
+def main(cases_file: str, out_file: str) -> None:
+    results = {}
+    for case in json.loads(Path(cases_file).read_text()):
+        if "mcore" in case:
+            diff = compare_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
+                                  batch_size=BATCH, seq_length=SEQ)
+        else:
+            diff = _from_hf_weights(case["hf"], case["tp"], case["pp"])
+        results[case["id"]] = diff
+    if torch.distributed.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
