@@ -48,6 +48,21 @@ def add_patch_arguments(
     group.add_argument("--dataset", default="mmap", choices=["mmap", "mock"],
                        help="Pretraining data source: Megatron indexed datasets given by "
                             "--data-path, or mock tokens.")
+    group.add_argument("--sft-packing", action="store_true",
+                       help="finetune: pack several samples per --seq-length sequence, with "
+                            "attention and positions per sample (default: one padded sample "
+                            "per sequence).")
+    group.add_argument("--sft-train-on-prompt", action="store_true",
+                       help="finetune: train on the prompt tokens too, not only the assistant "
+                            "answers.")
+    group.add_argument("--sft-loss-average", default="per-token",
+                       choices=["per-token", "per-sequence"],
+                       help="finetune: average the loss over the global batch's tokens, or "
+                            "average each sequence's mean loss.")
+    group.add_argument("--on-error", default="fail", choices=["skip", "fail"],
+                       help="finetune: a malformed or untrainable SFT sample (bad JSON, missing "
+                            "keys, empty answer, too long to pack) is skipped and listed with "
+                            "its line, or stops the run.")
     group.add_argument("--no-torch-compile-layers", dest="torch_compile_layers",
                        action="store_false",
                        help="Do not torch.compile the transformer layers (compiled by default on "
@@ -102,12 +117,17 @@ def model_defaults_from_argv(argv: Sequence[str]) -> dict[str, Any]:
     return {}
 
 
-def parse_training_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse and validate Megatron + megatron-patch arguments (``sys.argv`` when argv is None)."""
+def parse_training_args(argv: Sequence[str] | None = None,
+                        defaults: dict[str, Any] | None = None) -> argparse.Namespace:
+    """Parse and validate Megatron + megatron-patch arguments (``sys.argv`` when argv is None).
+
+    ``defaults`` (Megatron argument values) replace the parser's defaults, e.g. an entry
+    point's own; command-line flags still win.
+    """
     argv = list(sys.argv[1:] if argv is None else argv)
     apply_cpu_compat()
-    provider = functools.partial(add_patch_arguments,
-                                 model_defaults=model_defaults_from_argv(argv))
+    provider = functools.partial(
+        add_patch_arguments, model_defaults={**(defaults or {}), **model_defaults_from_argv(argv)})
     with _argv(argv):
         args = parse_args(extra_args_provider=provider)
     validate_args(args, {})

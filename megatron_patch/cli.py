@@ -13,8 +13,12 @@ from collections.abc import Sequence
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain": ("megatron_patch.training.pretrain", "pretrain a model (Megatron-LM flags)"),
+    "finetune": ("megatron_patch.training.finetune",
+                 "supervised fine-tuning on chat/instruction data (Megatron-LM flags)"),
     "preprocess": ("megatron_patch.data.pretrain_preprocess",
                    "JSONL/parquet/text -> Megatron .bin/.idx indexed dataset"),
+    "preprocess-sft": ("megatron_patch.data.sft_preprocess",
+                       "chat/instruction JSONL -> pre-tokenized SFT .bin/.idx datasets"),
     "merge-datasets": ("megatron_patch.data.merge_datasets",
                        "merge .bin/.idx shards into one dataset"),
     "convert": ("megatron_patch.conversion.cli_convert",

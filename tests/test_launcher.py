@@ -2,7 +2,7 @@
 
 import pytest
 
-from megatron_patch.launch.command import compose
+from megatron_patch.launch.command import SHIPPED_CHAT, compose
 from megatron_patch.launch.settings import POSITIONAL, LaunchError, RunSettings, parse_positional
 from megatron_patch.runtime.backends import Backends
 
@@ -89,3 +89,43 @@ def test_dlc_without_job_environment_is_an_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(LaunchError, match="ENV=dlc"):
         compose("llama", "pretrain", RunSettings(env="dlc"), [], CPU)
+
+
+def test_finetune_default_is_the_tiny_chat_demo(tmp_path, monkeypatch):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    monkeypatch.delenv("SFT_PACKING", raising=False)
+    settings, extra = parse_positional([], "finetune")
+    settings = RunSettings(**{**settings.__dict__, "output_basepath": str(tmp_path)})
+    launch = compose("llama", "finetune", settings, extra, CPU)
+    cmd = launch.train
+    assert cmd[cmd.index("-m", cmd.index("-m") + 1) + 1] == "megatron_patch.training.finetune"
+    assert _value(cmd, "--data-path") == str(SHIPPED_CHAT) and SHIPPED_CHAT.is_file()
+    assert "--sft-packing" in cmd and not launch.prepare
+    assert _value(cmd, "--seq-length") == "128" and _value(cmd, "--train-iters") == "100"
+    assert _value(cmd, "--patch-tokenizer-type") == "TinyTokenizer" and "--load" not in cmd
+    assert launch.name.startswith("finetune-mcore-llama-tiny-")
+
+
+def test_finetune_trains_on_pad_len_sequences(monkeypatch):
+    monkeypatch.setenv("SFT_PACKING", "false")
+    argv = ["dsw", "tiny", "4", "16", "1e-5", "1e-6", "256", "64", "auto", "1", "1", "1",
+            "false", "false", "true", "none", "50", "/data/sft.jsonl", "/ckpt/tiny", "1024000",
+            "102400", "/out", "--sft-train-on-prompt"]
+    settings, extra = parse_positional(argv)
+    cmd = compose("llama", "finetune", settings, extra, CPU).train
+    assert _value(cmd, "--seq-length") == "64"
+    assert _value(cmd, "--train-iters") == str(1024000 // (16 * 64))
+    assert _value(cmd, "--data-path") == "/data/sft.jsonl" and "--sft-packing" not in cmd
+    assert _value(cmd, "--load") == "/ckpt/tiny" and "--finetune" in cmd
+    assert cmd[-1] == "--sft-train-on-prompt"
+
+
+@pytest.mark.parametrize(("mode", "settings", "message"), [
+    ("finetune", dict(seq_len=128, pad_len=256), "PAD_LEN=256 must not exceed SEQ_LEN=128"),
+    ("pretrain", dict(train_tokens=16 * 128 * 10, warmup_tokens=16 * 128 * 10),
+     "10 warm-up iterations, not fewer than the 10 training iterations"),
+])
+def test_finetune_and_schedule_checks(mode, settings, message, monkeypatch):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    with pytest.raises(LaunchError, match=message):
+        compose("llama", mode, RunSettings(**settings), [], CPU)

@@ -8,8 +8,9 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
 
 from megatron_patch import cli
+from megatron_patch.data.bad_records import DataError
 from megatron_patch.data.merge_datasets import merge_datasets
-from megatron_patch.data.pretrain_preprocess import PreprocessError, preprocess_file
+from megatron_patch.data.pretrain_preprocess import preprocess_file
 from megatron_patch.data.sentences import split_sentences
 from megatron_patch.tokenizer import TINY_TOKENIZER_DIR, build_tokenizer
 
@@ -115,7 +116,7 @@ def test_malformed_lines_fail_atomically(tmp_path, capsys):
     assert cli.main(args) == 1
     assert f"{source}:2: bad JSON" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]  # no outputs, no temps
-    with pytest.raises(PreprocessError, match=f"{source}:2"):
+    with pytest.raises(DataError, match=f"{source}:2"):
         preprocess_file(source, tmp_path / "out", build_tokenizer("ByteTokenizer", None),
                         progress=False)
 
@@ -123,7 +124,7 @@ def test_malformed_lines_fail_atomically(tmp_path, capsys):
 def test_no_documents_is_an_error(tmp_path, tokenizer):
     source = tmp_path / "chat.jsonl"
     source.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n')
-    with pytest.raises(PreprocessError, match=r"no documents to write \(1 malformed"):
+    with pytest.raises(DataError, match=r"no documents to write \(1 malformed"):
         preprocess_file(source, tmp_path / "out", tokenizer, on_error="skip", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chat.jsonl"]
 
@@ -132,7 +133,7 @@ def test_failed_run_leaves_the_previous_dataset_intact(tmp_path, tokenizer):
     good = preprocess_file(_jsonl(tmp_path / "in.jsonl", DOCS), tmp_path / "out", tokenizer,
                            progress=False)["text"]
     before = _bytes(good)
-    with pytest.raises(PreprocessError):
+    with pytest.raises(DataError):
         preprocess_file(_malformed(tmp_path), tmp_path / "out", tokenizer, progress=False)
     assert _bytes(good) == before
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]

@@ -16,19 +16,11 @@ class RecordError(ValueError):
     """A malformed input record (bad JSON or UTF-8, missing or non-text key)."""
 
 
-@dataclass(frozen=True)
-class Encoder:
-    """Tokenizes records: each sentence separately, empty ones dropped, EOD after the last."""
-
-    tokenizer: Tokenizer
-    json_keys: tuple[str, ...]
-    split_sentences: bool = False
-    append_eod: bool = False
-
-    def parse(self, kind: str, payload: object) -> dict | None:
-        """The record as a dict (``None`` for a blank JSON line)."""
-        if kind == "row":
-            return payload
+def parse_record(kind: str, payload: object) -> dict | None:
+    """A record of :mod:`.readers` as a dict (``None`` for a blank JSON line)."""
+    if kind == "row":
+        data = payload
+    else:
         try:
             text = payload.decode("utf-8")
         except UnicodeDecodeError as error:
@@ -41,9 +33,38 @@ class Encoder:
             data = json.loads(text)
         except json.JSONDecodeError as error:
             raise RecordError(f"bad JSON ({error})") from None
-        if not isinstance(data, dict):
-            raise RecordError(f"not a JSON object (got {type(data).__name__})")
-        return data
+    if not isinstance(data, dict):
+        raise RecordError(f"not a JSON object (got {type(data).__name__})")
+    return data
+
+
+class RecordEncoder:
+    """Base of the preprocessing encoders: ``encode`` one record, ``encode_chunk`` many."""
+
+    def encode(self, kind: str, payload: object) -> Encoded | None:
+        """Values and sequence lengths per dataset key (``None`` for a blank line)."""
+        raise NotImplementedError
+
+    def encode_chunk(self, records: list[tuple[str, str, object]]
+                     ) -> list[tuple[str, Encoded | str | None]]:
+        """``(location, encoded | error message | None)`` for each record, in order."""
+        results: list[tuple[str, Encoded | str | None]] = []
+        for location, kind, payload in records:
+            try:
+                results.append((location, self.encode(kind, payload)))
+            except RecordError as error:
+                results.append((location, str(error)))
+        return results
+
+
+@dataclass(frozen=True)
+class Encoder(RecordEncoder):
+    """Tokenizes records: each sentence separately, empty ones dropped, EOD after the last."""
+
+    tokenizer: Tokenizer
+    json_keys: tuple[str, ...]
+    split_sentences: bool = False
+    append_eod: bool = False
 
     def sentences(self, data: dict, key: str) -> list[str]:
         """The text under ``key`` as sentences (a list of strings is taken as already split)."""
@@ -58,7 +79,7 @@ class Encoder:
 
     def encode(self, kind: str, payload: object) -> Encoded | None:
         """Token ids and sentence lengths per key (``None`` for a blank line)."""
-        data = self.parse(kind, payload)
+        data = parse_record(kind, payload)
         if data is None:
             return None
         encoded = {}
@@ -75,14 +96,3 @@ class Encoder:
                 lengths[-1] += 1
             encoded[key] = (ids, lengths)
         return encoded
-
-    def encode_chunk(self, records: list[tuple[str, str, object]]
-                     ) -> list[tuple[str, Encoded | str | None]]:
-        """``(location, encoded | error message | None)`` for each record, in order."""
-        results: list[tuple[str, Encoded | str | None]] = []
-        for location, kind, payload in records:
-            try:
-                results.append((location, self.encode(kind, payload)))
-            except RecordError as error:
-                results.append((location, str(error)))
-        return results

@@ -12,27 +12,17 @@ regex (no NLTK), and files appear atomically only once complete.
 from __future__ import annotations
 
 import argparse
-import itertools
-import multiprocessing
 import sys
-import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import ExitStack
+from collections.abc import Sequence
 from pathlib import Path
 
 from megatron.core.datasets.indexed_dataset import DType
-from tqdm import tqdm
 
-from megatron_patch.data.encoder import Encoded, Encoder
-from megatron_patch.data.indexed_io import atomic_builder
+from megatron_patch.data.bad_records import DataError
+from megatron_patch.data.encoder import Encoder
+from megatron_patch.data.preprocess_core import Output, add_common_arguments, encode_to_datasets
 from megatron_patch.data.readers import input_files, read_records
-from megatron_patch.tokenizer import TOKENIZERS, Tokenizer, build_tokenizer
-
-MAX_REPORTED = 20  # malformed records listed one by one; the rest are only counted
-
-
-class PreprocessError(RuntimeError):
-    """Preprocessing stopped on a malformed record (``--on-error fail``)."""
+from megatron_patch.tokenizer import Tokenizer, build_tokenizer
 
 
 def output_prefixes(output_prefix: str | Path, json_keys: Sequence[str],
@@ -40,33 +30,6 @@ def output_prefixes(output_prefix: str | Path, json_keys: Sequence[str],
     """Megatron's dataset prefix for each key: ``{output_prefix}_{key}_{document|sentence}``."""
     level = "sentence" if split_sentences else "document"
     return {key: Path(f"{output_prefix}_{key}_{level}") for key in json_keys}
-
-
-def _chunks(records: Iterable, size: int) -> Iterator[list]:
-    iterator = iter(records)
-    while chunk := list(itertools.islice(iterator, size)):
-        yield chunk
-
-
-_WORKER_ENCODER: Encoder | None = None
-
-
-def _init_worker(encoder: Encoder) -> None:
-    global _WORKER_ENCODER
-    _WORKER_ENCODER = encoder
-
-
-def _encode_in_worker(chunk: list) -> list:
-    return _WORKER_ENCODER.encode_chunk(chunk)
-
-
-def _encoded_chunks(encoder: Encoder, chunks: Iterator[list], workers: int,
-                    stack: ExitStack) -> Iterator[list]:
-    """Encoded chunks in input order: in this process, or by a pool of ``workers``."""
-    if workers <= 1:
-        return map(encoder.encode_chunk, chunks)
-    pool = stack.enter_context(multiprocessing.Pool(workers, _init_worker, (encoder,)))
-    return pool.imap(_encode_in_worker, chunks)
 
 
 def preprocess_file(input: str | Path, output_prefix: str | Path, tokenizer: Tokenizer,
@@ -78,82 +41,32 @@ def preprocess_file(input: str | Path, output_prefix: str | Path, tokenizer: Tok
 
     ``input`` is a JSONL file, a parquet file, or a directory of ``.jsonl``/``.json``/``.txt``/
     ``.parquet`` files (a ``.txt`` file is one document under key ``text``). Malformed records
-    raise :class:`PreprocessError` (``on_error="fail"``) or are skipped and reported ("skip").
+    raise :class:`DataError` (``on_error="fail"``) or are skipped and reported ("skip").
     """
-    if on_error not in ("skip", "fail"):
-        raise ValueError(f"on_error must be 'skip' or 'fail', got {on_error!r}")
     keys = tuple(json_keys)
     files = input_files(input)
     prefixes = output_prefixes(output_prefix, keys, split_sentences)
-    encoder = Encoder(tokenizer, keys, split_sentences, append_eod)
     dtype = DType.optimal_dtype(tokenizer.vocab_size)
-    documents = tokens = skipped = 0
-    start = time.perf_counter()
-    with ExitStack() as stack:
-        builders = {key: stack.enter_context(atomic_builder(prefix, dtype))
-                    for key, prefix in prefixes.items()}
-        bar = stack.enter_context(tqdm(desc="preprocess", unit=" docs", disable=not progress,
-                                       mininterval=1.0, file=sys.stderr))
-        chunks = _chunks(read_records(files, list(keys)), chunk_size)
-        for results in _encoded_chunks(encoder, chunks, workers, stack):
-            for location, result in results:
-                if isinstance(result, str):
-                    if on_error == "fail":
-                        raise PreprocessError(f"{location}: {result}")
-                    if skipped < MAX_REPORTED:
-                        bar.write(f"preprocess: skipped {location}: {result}", file=sys.stderr)
-                    skipped += 1
-                elif result is not None:
-                    tokens += _add(builders, result)
-                    documents += 1
-            bar.update(len(results))
-            bar.set_postfix_str(f"{tokens / (time.perf_counter() - start):,.0f} tokens/s",
-                                refresh=False)
-        if documents == 0:
-            detail = f" ({skipped} malformed records skipped)" if skipped else ""
-            raise PreprocessError(f"{input}: no documents to write{detail}")
-    seconds = time.perf_counter() - start
-    names = ", ".join(f"{prefix}.bin/.idx" for prefix in prefixes.values())
-    dropped = f", {skipped} malformed skipped" if skipped else ""
-    print(f"preprocess: {documents} documents{dropped}, {tokens} tokens in {seconds:.1f}s "
-          f"({documents / seconds:,.0f} docs/s, {tokens / seconds:,.0f} tokens/s) -> {names}")
-    if skipped > MAX_REPORTED:
-        print(f"preprocess: {skipped - MAX_REPORTED} more malformed records skipped; "
-              f"first {MAX_REPORTED} listed above", file=sys.stderr)
+    encode_to_datasets(input, read_records(files, list(keys)),
+                       Encoder(tokenizer, keys, split_sentences, append_eod),
+                       {key: Output(prefix, dtype) for key, prefix in prefixes.items()},
+                       name="preprocess", counted=keys, workers=workers, on_error=on_error,
+                       chunk_size=chunk_size, progress=progress)
     return prefixes
-
-
-def _add(builders: dict, encoded: Encoded) -> int:
-    """Append one record's documents to the builders; returns its token count."""
-    count = 0
-    for key, (ids, lengths) in encoded.items():
-        builders[key].add_document(ids, lengths)
-        count += len(ids)
-    return count
 
 
 def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM ``tools/preprocess_data.py`` flags (the ones that apply here)."""
     parser = argparse.ArgumentParser(prog="megatron-patch preprocess",
                                      description=__doc__.splitlines()[0].split(": ", 1)[1])
-    parser.add_argument("--input", required=True,
-                        help="JSONL file, parquet file, or directory of .jsonl/.txt files")
-    parser.add_argument("--output-prefix", required=True,
-                        help="output path without suffix; files are {prefix}_{key}_document.*")
-    parser.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZERS))
-    parser.add_argument("--tokenizer-model", "--tokenizer-path", dest="tokenizer_path",
-                        default=None, help="tokenizer directory or file (not for Byte/Tiny)")
+    add_common_arguments(parser)
     parser.add_argument("--json-keys", nargs="+", default=["text"],
-                        help="JSON keys to tokenize, one dataset each")
-    parser.add_argument("--workers", type=int, default=1, help="tokenizer worker processes")
+                        help="JSON keys to tokenize, one dataset each "
+                             "(outputs {prefix}_{key}_document.*)")
     parser.add_argument("--append-eod", action="store_true",
                         help="append the end-of-document token to each document")
     parser.add_argument("--split-sentences", action="store_true",
                         help="one sequence per sentence (outputs *_sentence.bin/.idx)")
-    parser.add_argument("--on-error", choices=("skip", "fail"), default="fail",
-                        help="malformed line (bad JSON/UTF-8, missing key): skip it or stop")
-    parser.add_argument("--chunk-size", type=int, default=64,
-                        help="records per task sent to a worker")
     return parser
 
 
@@ -166,7 +79,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         workers=args.workers, append_eod=args.append_eod,
                         split_sentences=args.split_sentences, on_error=args.on_error,
                         chunk_size=max(1, args.chunk_size))
-    except (PreprocessError, ValueError, OSError, ImportError) as error:
+    except (DataError, ValueError, OSError, ImportError) as error:
         print(f"preprocess: error: {error}", file=sys.stderr)
         return 1
     return 0

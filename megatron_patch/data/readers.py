@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
 # A record is (location, kind, payload): kind "json" (raw line bytes), "text" (raw file bytes,
-# the document under key "text") or "row" (a parquet row as a dict). Locations name the file and
-# line/row so that malformed input can be reported precisely.
+# the document under key "text") or "row" (a parquet row, or an item of a ``.json`` file holding
+# one JSON array). Locations name the file and line/row/item so that malformed input can be
+# reported precisely.
 Record = tuple[str, str, object]
 INPUT_SUFFIXES = (".jsonl", ".json", ".txt", ".parquet")
 
@@ -48,6 +50,22 @@ def _json_lines(file: Path) -> Iterator[Record]:
             yield f"{file}:{number}", "json", line
 
 
+def _is_json_array(file: Path) -> bool:
+    """Whether a ``.json`` file holds one JSON array (else it is read as JSON lines)."""
+    with open(file, "rb") as handle:
+        return handle.read(4096).lstrip()[:1] == b"["
+
+
+def _json_array_items(file: Path) -> Iterator[Record]:
+    try:
+        items = json.loads(file.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        yield str(file), "json", file.read_bytes()  # reported as bad JSON by the parser
+        return
+    for number, item in enumerate(items, start=1):
+        yield f"{file}:item {number}", "row", item
+
+
 def _parquet_rows(file: Path, keys: list[str]) -> Iterator[Record]:
     table = _pyarrow_parquet(file).ParquetFile(file)
     columns = [key for key in keys if key in table.schema_arrow.names]
@@ -69,5 +87,7 @@ def read_records(files: list[Path], keys: list[str]) -> Iterator[Record]:
             yield from _parquet_rows(file, keys)
         elif file.suffix == ".txt":
             yield str(file), "text", file.read_bytes()
+        elif file.suffix == ".json" and _is_json_array(file):
+            yield from _json_array_items(file)
         else:
             yield from _json_lines(file)

@@ -43,7 +43,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     family, mode = argv[:2]
     try:
-        settings, extra = parse_positional(argv[2:])
+        settings, extra = parse_positional(argv[2:], mode)
         launch = compose(family, mode, settings, extra, available_backends())
     except (LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

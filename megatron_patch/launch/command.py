@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from dataclasses import dataclass, field
@@ -14,7 +15,9 @@ from megatron_patch.models.registry import get_family
 from megatron_patch.runtime.backends import Backends
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-ENTRY_POINTS = {"pretrain": "megatron_patch.training.pretrain"}
+ENTRY_POINTS = {"pretrain": "megatron_patch.training.pretrain",
+                "finetune": "megatron_patch.training.finetune"}
+SHIPPED_CHAT = ASSETS / "tiny_chat.jsonl"
 
 
 @dataclass
@@ -66,6 +69,9 @@ def _validate(settings: RunSettings, model: dict, world: int, backends: Backends
          "PR=fp8 needs Transformer Engine (pip install megatron-patch[transformer-engine])"),
         (settings.pr not in ("bf16", "fp16", "fp8") or backends.cuda,
          f"PR={settings.pr} needs a GPU; use PR=fp32 (or auto) on the CPU"),
+        (settings.warmup_iters < settings.train_iters,
+         f"WARMUP_TOKENS gives {settings.warmup_iters} warm-up iterations, not fewer than the "
+         f"{settings.train_iters} training iterations of TRAIN_TOKENS"),
     ]
     if world % model_parallel == 0:
         data_parallel = world // model_parallel
@@ -108,9 +114,18 @@ def _tokenizer(settings: RunSettings) -> tuple[str, str | None]:
     return "HFTokenizer", path
 
 
-def _data(settings: RunSettings, out: Path, kind: str, path: str | None
+def _data(mode: str, settings: RunSettings, out: Path, kind: str, path: str | None
           ) -> tuple[list[list[str]], list[str]]:
-    """Data flags, and the preprocessing step that builds the shipped corpus on first use."""
+    """Data flags, and the preprocessing step that builds the shipped corpus on first use.
+
+    ``finetune`` reads chat data (JSONL or ``preprocess-sft`` output) directly; its shipped
+    default is the tiny chat set, packed unless ``SFT_PACKING=false``.
+    """
+    if mode == "finetune":
+        paths = [str(SHIPPED_CHAT)] if settings.dataset_path == SHIPPED_DATA \
+            else settings.dataset_path.split()
+        packing = os.environ.get("SFT_PACKING", "true").lower() not in ("false", "0")
+        return [], ["--data-path", *paths, *(["--sft-packing"] if packing else [])]
     if settings.dataset_path != SHIPPED_DATA:
         return [], ["--data-path", *settings.dataset_path.split()]
     prefix = out / "data" / "tiny_corpus"
@@ -138,9 +153,18 @@ def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
 
 def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
             backends: Backends) -> Launch:
-    """The full launch for ``family`` in ``mode`` ("pretrain")."""
+    """The full launch for ``family`` in ``mode`` ("pretrain" or "finetune").
+
+    Fine-tuning trains on sequences of PAD_LEN tokens (samples padded or packed to it), which
+    must not exceed SEQ_LEN.
+    """
     pr = settings.pr if settings.pr != "auto" else ("bf16" if backends.cuda else "fp32")
-    settings = RunSettings(**{**settings.__dict__, "pr": pr})
+    settings = dataclasses.replace(settings, pr=pr)
+    if mode == "finetune":
+        if settings.pad_len > settings.seq_len:
+            raise LaunchError(f"PAD_LEN={settings.pad_len} must not exceed "
+                              f"SEQ_LEN={settings.seq_len}")
+        settings = dataclasses.replace(settings, seq_len=settings.pad_len)
     hf_config = model_size_config(family, settings.model_size)
     model = get_family(family).hf_to_megatron(hf_config)
     layout = _topology(settings, backends)
@@ -150,7 +174,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
     name = _run_name(family, mode, settings, pr)
     out = Path(settings.output_basepath).resolve()
     kind, tokenizer_path = _tokenizer(settings)
-    prepare, data = _data(settings, out, kind, tokenizer_path)
+    prepare, data = _data(mode, settings, out, kind, tokenizer_path)
     tokenizer = ["--patch-tokenizer-type", kind]
     tokenizer += ["--patch-tokenizer-path", tokenizer_path] if tokenizer_path else []
     notes = []

@@ -2,8 +2,10 @@
 
 ``run_pretrain_mcore_<family>.sh ENV MODEL_SIZE BATCH_SIZE GLOBAL_BATCH_SIZE LR MIN_LR SEQ_LEN
 PAD_LEN PR TP PP CP SP DO FL AC SAVE_INTERVAL DATASET_PATH PRETRAIN_CHECKPOINT_PATH TRAIN_TOKENS
-WARMUP_TOKENS OUTPUT_BASEPATH [extra Megatron flags...]``. Missing trailing positions take the
-tiny-demo defaults, so the script runs with no arguments at all.
+WARMUP_TOKENS OUTPUT_BASEPATH [extra Megatron flags...]`` (``run_finetune_mcore_<family>.sh`` the
+same). Missing trailing positions take the tiny-demo defaults, so the scripts run with no
+arguments at all. ``PAD_LEN`` is the fine-tuning sequence length (samples are padded or packed to
+it; at most ``SEQ_LEN``); pretraining uses ``SEQ_LEN``.
 """
 
 from __future__ import annotations
@@ -65,6 +67,8 @@ class RunSettings:
 
 
 POSITIONAL = tuple(field.name.upper() for field in dataclasses.fields(RunSettings))
+# Demo defaults that differ by mode: the fine-tuning demo converges in 100 iterations.
+MODE_DEFAULTS = {"finetune": {"train_tokens": 100 * 16 * 128, "warmup_tokens": 10 * 16 * 128}}
 _CHOICES = {"env": ("dsw", "dlc"), "pr": ("auto", "fp32", "fp16", "bf16", "fp8"),
             "ac": ("none", "false", "sel", "full")}
 
@@ -94,7 +98,8 @@ def _convert(name: str, kind: type, text: str):
         raise LaunchError(f"{name.upper()}={text!r}: expected {kind.__name__}") from None
 
 
-def parse_positional(values: Sequence[str]) -> tuple[RunSettings, list[str]]:
+def parse_positional(values: Sequence[str],
+                     mode: str = "pretrain") -> tuple[RunSettings, list[str]]:
     """Settings from positional values (Pai order) and the Megatron flags that follow them."""
     values = list(values)
     count = next((i for i, v in enumerate(values) if v.startswith("--")), len(values))
@@ -109,4 +114,4 @@ def parse_positional(values: Sequence[str]) -> tuple[RunSettings, list[str]]:
         if name in _CHOICES and value not in _CHOICES[name]:
             raise LaunchError(f"{name.upper()}={value!r}: expected one of {_CHOICES[name]}")
         given[name] = value
-    return RunSettings(**given), values[count:]
+    return RunSettings(**{**MODE_DEFAULTS.get(mode, {}), **given}), values[count:]

@@ -59,6 +59,18 @@ class HFTokenizer(Tokenizer):
         """Text of token ``ids`` (special tokens kept)."""
         return self._tokenizer.decode(ids)
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` with no special tokens added, and each token's character span.
+
+        Chat templates write their special tokens into the text themselves, so this is how
+        ``apply_chat_template(tokenize=True)`` tokenizes a rendered conversation.
+        """
+        if not self._tokenizer.is_fast:
+            raise ValueError(f"{type(self).__name__}: character offsets need a fast (Rust) "
+                             f"tokenizer; {self.path} loads a slow one (add tokenizer.json)")
+        encoded = self._tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return encoded.input_ids, encoded.offset_mapping
+
     def apply_chat_template(self, messages: list[dict[str, str]], tokenize: bool = True,
                             add_generation_prompt: bool = False, **kwargs: Any) -> Any:
         """Render ``messages`` with the chat template: token ids, or text if not ``tokenize``.

@@ -84,17 +84,26 @@ def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
 
 
 def lm_loss(loss_mask: torch.Tensor, output: torch.Tensor):
-    """Token-summed LM loss, its token count, and the [sum, count] pair for reporting."""
+    """Weighted LM loss sum, its count, and the [sum, count] pair for reporting.
+
+    ``loss_mask`` holds per-token weights, 0/1 for a plain token mask; their (rounded) sum is
+    the count the loss is normalised by (Megatron's 3-tuple loss convention).
+    """
     mask = loss_mask.reshape(-1).float()
     total = torch.sum(output.float().reshape(-1) * mask)
-    tokens = mask.sum().to(torch.int)
+    tokens = mask.sum().round().to(torch.int)
     return total, tokens, {"lm loss": torch.stack([total.detach(), mask.sum()])}
+
+
+def next_batch(data_iterator: Iterator) -> dict[str, torch.Tensor]:
+    """The next micro-batch's tensors, on the GPU when there is one."""
+    return {key: value.cuda(non_blocking=True) for key, value in next(data_iterator).items()
+            if isinstance(value, torch.Tensor)}
 
 
 def gpt_forward_step(data_iterator: Iterator | None, model: torch.nn.Module):
     """Megatron forward step for causal LM batches from GPTDataset-style dicts."""
-    batch = {key: value.cuda(non_blocking=True) for key, value in next(data_iterator).items()
-             if isinstance(value, torch.Tensor)}
+    batch = next_batch(data_iterator)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
 
@@ -115,6 +124,19 @@ def _last_stage() -> bool:
     return parallel_state.is_pipeline_last_stage(ignore_virtual=True)
 
 
+def _schedule_shape(args: argparse.Namespace) -> dict[str, int]:
+    """Sequence and micro-batch sizes of the activations pipeline stages exchange.
+
+    Packed SFT micro-batches run as one THD sequence of ``micro_batch_size * seq_length``
+    tokens (batch dimension 1).
+    """
+    if args.sft_packing:
+        length = args.seq_length * args.micro_batch_size
+        return {"seq_length": length, "micro_batch_size": 1, "decoder_seq_length": length}
+    return {"seq_length": args.seq_length, "micro_batch_size": args.micro_batch_size,
+            "decoder_seq_length": args.seq_length}
+
+
 def train_step(state: TrainState, iterators: list, forward_step: ForwardStep,
                args: argparse.Namespace) -> tuple[dict[str, float], bool, float | None]:
     """One optimizer step over a global batch; returns (losses, update_successful, grad_norm)."""
@@ -126,9 +148,7 @@ def train_step(state: TrainState, iterators: list, forward_step: ForwardStep,
         data_iterator=iterators if len(iterators) > 1 else iterators[0],
         model=state.model,
         num_microbatches=get_num_microbatches(),
-        seq_length=args.seq_length,
-        micro_batch_size=args.micro_batch_size,
-        decoder_seq_length=args.seq_length,
+        **_schedule_shape(args),
         forward_only=False,
     )
     update_successful, grad_norm, _ = state.optimizer.step()
@@ -150,9 +170,7 @@ def evaluate(state: TrainState, iterators: list, forward_step: ForwardStep,
             data_iterator=iterators if len(iterators) > 1 else iterators[0],
             model=state.model,
             num_microbatches=get_num_microbatches(),
-            seq_length=args.seq_length,
-            micro_batch_size=args.micro_batch_size,
-            decoder_seq_length=args.seq_length,
+            **_schedule_shape(args),
             forward_only=True,
         )
     for chunk in state.model:

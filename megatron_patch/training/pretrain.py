@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from megatron.core import parallel_state
@@ -12,12 +12,20 @@ from megatron_patch.arguments import parse_training_args
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.models.vocab import resolve_padded_vocab
 from megatron_patch.training.initialize import initialize
-from megatron_patch.training.loop import gpt_forward_step, setup_model_and_optimizer, train
+from megatron_patch.training.loop import (
+    ForwardStep,
+    gpt_forward_step,
+    setup_model_and_optimizer,
+    train,
+)
 from megatron_patch.training.pretrain_data import (
     build_pretrain_datasets,
     data_iterator,
     train_valid_test_num_samples,
 )
+
+# (args, tokenizer, [train, valid, test] sample counts) -> [train, valid, test] datasets
+DatasetsBuilder = Callable[[argparse.Namespace, object, list[int]], list]
 
 
 @dataclass(frozen=True)
@@ -73,24 +81,30 @@ def chunk_iterators(dataset, args: argparse.Namespace) -> list:
     return [data_iterator(dataset, args, args.consumed_train_samples) for _ in range(chunks)]
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """Pretrain a causal LM; returns the last logged losses (on the last rank)."""
-    args = parse_training_args(argv)
+def run_training(args: argparse.Namespace, build_datasets: DatasetsBuilder,
+                 forward_step: ForwardStep) -> dict[str, float]:
+    """Initialise, build model and data, train; returns the last logged losses (last rank).
+
+    Shared by the entry points: ``build_datasets(args, tokenizer, num_samples)`` returns the
+    train/valid/test datasets, ``forward_step`` is Megatron's forward step function.
+    """
     initialize(args)
     tokenizer = build_run_tokenizer(args)
     set_padded_vocab(args, tokenizer)
     state = setup_model_and_optimizer(args)
-    train_ds, valid_ds, _ = build_pretrain_datasets(
-        args, tokenizer, train_valid_test_num_samples(args)
-    )
+    train_ds, valid_ds, _ = build_datasets(args, tokenizer, train_valid_test_num_samples(args))
     valid_iterators = None
     if valid_ds is not None and args.eval_iters > 0:
         valid_iterators = [data_iterator(valid_ds, args, 0)
                            for _ in range(args.virtual_pipeline_model_parallel_size or 1)]
-    losses = train(state, chunk_iterators(train_ds, args), valid_iterators, gpt_forward_step,
-                   args)
+    losses = train(state, chunk_iterators(train_ds, args), valid_iterators, forward_step, args)
     parallel_state.destroy_model_parallel()
     return losses
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """Pretrain a causal LM; returns the last logged losses (on the last rank)."""
+    return run_training(parse_training_args(argv), build_pretrain_datasets, gpt_forward_step)
 
 
 if __name__ == "__main__":

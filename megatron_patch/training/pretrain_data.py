@@ -36,18 +36,25 @@ def _is_number(text: str) -> bool:
     return True
 
 
+def dataset_config_values(args: argparse.Namespace) -> dict:
+    """The fields every Megatron-Core dataset config takes, from Megatron's data flags."""
+    blend, blend_per_split = get_blend_and_blend_per_split(args)
+    return {
+        "random_seed": args.seed,
+        "sequence_length": args.seq_length,
+        "blend": blend,
+        "blend_per_split": blend_per_split,
+        "split": args.split,
+        "num_dataset_builder_threads": args.num_dataset_builder_threads,
+        "path_to_cache": args.data_cache_path,
+        "mmap_bin_files": args.mmap_bin_files,
+    }
+
+
 def gpt_dataset_config(args: argparse.Namespace, tokenizer) -> GPTDatasetConfig:
     """Megatron-Core dataset config from Megatron's data flags."""
-    blend, blend_per_split = get_blend_and_blend_per_split(args)
     return GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
-        blend=blend,
-        blend_per_split=blend_per_split,
-        split=args.split,
-        num_dataset_builder_threads=args.num_dataset_builder_threads,
-        path_to_cache=args.data_cache_path,
-        mmap_bin_files=args.mmap_bin_files,
+        **dataset_config_values(args),
         tokenizer=tokenizer,
         reset_position_ids=args.reset_position_ids,
         reset_attention_mask=args.reset_attention_mask,
