@@ -18,10 +18,13 @@ from typing import Any
 from megatron.training.arguments import parse_args, validate_args
 
 from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.models.common.architecture import add_architecture_arguments
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.runtime.backends import available_backends
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
+from megatron_patch.training.config_checks import check_training_config
+from megatron_patch.training.resilience import ON_NONFINITE
 
 
 def add_patch_arguments(
@@ -67,6 +70,15 @@ def add_patch_arguments(
                        action="store_false",
                        help="Do not torch.compile the transformer layers (compiled by default on "
                             "GPUs without Transformer Engine: fuses norms, rope, SwiGLU).")
+    group.add_argument("--on-nonfinite", default="stop", choices=ON_NONFINITE,
+                       help="A NaN/inf loss or gradient (checked with Megatron's "
+                            "--check-for-nan-in-loss-and-grad, on by default) stops training "
+                            "naming the iteration, or skips that iteration's update.")
+    group.add_argument("--torchao-float8-recipe", default="tensorwise",
+                       choices=["tensorwise", "rowwise"],
+                       help="Scaling of torchao's float8 training, used for --fp8-format when "
+                            "Transformer Engine is not installed (--fp8-recipe applies to TE).")
+    add_architecture_arguments(parser)
     backends = available_backends()
     parser.set_defaults(
         torch_compile_layers=backends.cuda and not backends.transformer_engine,
@@ -130,5 +142,11 @@ def parse_training_args(argv: Sequence[str] | None = None,
         add_patch_arguments, model_defaults={**(defaults or {}), **model_defaults_from_argv(argv)})
     with _argv(argv):
         args = parse_args(extra_args_provider=provider)
+    check_training_config(args)
     validate_args(args, {})
+    # Without Transformer Engine, FP8 runs through torchao (runtime/float8.py), not Megatron's TE
+    # path: the recipe is kept in ``torchao_float8`` and Megatron's own fp8 switch turned off.
+    args.torchao_float8 = None
+    if args.fp8 and not available_backends().transformer_engine:
+        args.torchao_float8, args.fp8 = args.torchao_float8_recipe, None
     return args

@@ -25,6 +25,12 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert hf-to-mcore | mcore-to-hf checkpoints"),
     "verify": ("megatron_patch.conversion.cli_verify",
                "compare HF and Megatron logits for the same weights"),
+    "generate": ("megatron_patch.generation.cli_generate",
+                 "generate completions for a file of prompts from a Megatron checkpoint"),
+    "eval-ppl": ("megatron_patch.generation.cli_eval_ppl",
+                 "perplexity of a Megatron checkpoint on held-out data"),
+    "plan": ("megatron_patch.launch.plan",
+             "propose TP/PP/DP/micro-batch/recompute for N GPUs from a memory model"),
 }
 
 

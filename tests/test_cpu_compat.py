@@ -87,3 +87,17 @@ def test_streams_and_synchronize_are_inert():
         torch.cuda.synchronize()
     event = torch.cuda.Event()
     event.record()
+
+
+def test_moe_alltoall_dispatcher_still_needs_its_patches():
+    """The alltoall dispatcher still synchronises on a recorded event and hands the split sizes
+    from ``maybe_move_tensor_to_cpu(..., as_numpy=True)`` to ``all_to_all_single``."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    from megatron_patch.runtime.cpu_compat import _cpu_split_sizes
+
+    source = inspect.getsource(token_dispatcher.MoEAlltoAllTokenDispatcher)
+    assert "record_event()" in source and "as_numpy=True" in source
+    assert token_dispatcher.maybe_move_tensor_to_cpu is _cpu_split_sizes
+    assert torch.cuda.Stream().record_event().synchronize() is None
+    assert _cpu_split_sizes(torch.tensor([1, 2]), as_numpy=True).tolist() == [1, 2]

@@ -25,7 +25,8 @@ def test_l2_norm_matches_megatron_fallback():
     flag = torch.zeros(1, dtype=torch.int)
     ours, _ = foreach_l2_norm(0, flag, [tensors], False)
     theirs, _ = mcore_utils.local_multi_tensor_l2_norm(0, flag, [tensors], False)
-    torch.testing.assert_close(ours, theirs.reshape(1), rtol=1e-6, atol=0)
+    # Megatron's fallback returns its norm on the GPU when there is one.
+    torch.testing.assert_close(ours, theirs.reshape(1).cpu(), rtol=1e-6, atol=0)
     empty, _ = foreach_l2_norm(0, flag, [[]], False)
     assert empty.item() == 0.0
 
@@ -50,3 +51,19 @@ def test_fused_adam_only_switches_cuda_groups():
     adam = torch.optim.AdamW(params)
     assert use_fused_adam(adam) == 0
     assert not adam.param_groups[0]["fused"]
+
+
+
+def test_prefer_cudnn_attention_reorders_sdpa_backends():
+    from torch.nn.attention import SDPBackend
+
+    from megatron_patch.runtime.gpu_fast_paths import prefer_cudnn_attention
+
+    previous = prefer_cudnn_attention()
+    try:
+        order = list(torch._C._get_sdp_priority_order())
+        assert order[0] == int(SDPBackend.CUDNN_ATTENTION)
+        assert sorted(order) == sorted(previous)
+        assert [b for b in order[1:]] == [b for b in previous if b != order[0]]
+    finally:
+        torch._C._set_sdp_priority_order(previous)

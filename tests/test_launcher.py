@@ -1,5 +1,7 @@
 """The Pai-style launcher: positional settings, validation before launch, composed commands."""
 
+import sys
+
 import pytest
 
 from megatron_patch.launch.command import SHIPPED_CHAT, compose
@@ -65,7 +67,7 @@ def test_full_positional_command_for_a_cluster(monkeypatch):
     (dict(tp=3), "TP=3 must divide the 4 attention heads"),
     (dict(pp=3), "PP=3 must divide the 4 layers"),
     (dict(sp=True), "SP=true needs TP>1"),
-    (dict(cp=2), "needs Transformer Engine"),
+    (dict(cp=2), "CP=2 is not supported yet"),
     (dict(pr="bf16"), "PR=bf16 needs a GPU"),
     (dict(global_batch_size=12), "must be a multiple of BATCH_SIZE*DP"),
 ])
@@ -123,9 +125,256 @@ def test_finetune_trains_on_pad_len_sequences(monkeypatch):
 @pytest.mark.parametrize(("mode", "settings", "message"), [
     ("finetune", dict(seq_len=128, pad_len=256), "PAD_LEN=256 must not exceed SEQ_LEN=128"),
     ("pretrain", dict(train_tokens=16 * 128 * 10, warmup_tokens=16 * 128 * 10),
-     "10 warm-up iterations, not fewer than the 10 training iterations"),
+     "the 10 warm-up iterations must be fewer than the 10 training iterations"),
 ])
 def test_finetune_and_schedule_checks(mode, settings, message, monkeypatch):
     monkeypatch.delenv("NPROC_PER_NODE", raising=False)
     with pytest.raises(LaunchError, match=message):
         compose("llama", mode, RunSettings(**settings), [], CPU)
+
+
+# ---------------------------------------------------------------------------- model sizes, flags
+
+
+def _registered_sizes():
+    from megatron_patch.launch.model_sizes import family_sizes
+    from megatron_patch.models.registry import registered_families
+
+    return [(family, model) for family in registered_families()
+            for model in family_sizes(family)]
+
+
+def test_every_size_renders_flags_megatron_parses_back():
+    """The rendered flags, read by Megatron's own parser, give back the family's values."""
+    import argparse
+
+    from megatron.training.arguments import add_megatron_arguments
+
+    from megatron_patch.arguments import add_patch_arguments
+    from megatron_patch.launch.flags import megatron_flags
+    from megatron_patch.models.registry import get_family
+
+    parser = add_patch_arguments(add_megatron_arguments(argparse.ArgumentParser(
+        allow_abbrev=False)))
+    sizes = _registered_sizes()
+    assert {m.name for _, m in sizes} >= {"llama3.1-8b", "qwen2.5-72b", "qwen3-32b",
+                                          "mistral-7b-v0.1", "llama2-70b", "llama3.1-405b"}
+    inexpressible = set()
+    for family, model in sizes:
+        values = get_family(family).hf_to_megatron(model.hf_config)
+        try:
+            flags = megatron_flags(values)
+        except ValueError as exc:
+            assert "cannot express" in str(exc), exc
+            inexpressible.add(model.name)
+            continue
+        parsed = vars(parser.parse_args(flags))
+        for dest, value in values.items():
+            got = parsed[dest]
+            assert (list(got) if isinstance(got, tuple) else got) == \
+                (list(value) if isinstance(value, tuple) else value), (model.name, dest)
+    # StarCoder2-3B's rope_theta 999999.44 has no Megatron flag (--rotary-base is an int): the
+    # launcher says so and takes the model's HF directory instead.
+    assert inexpressible == {"starcoder2-3b"}
+
+
+def test_window_size_is_one_comma_separated_token():
+    from megatron_patch.launch.flags import megatron_flags
+
+    assert megatron_flags({"window_size": (7, 0)}) == ["--window-size", "7,0"]
+    assert megatron_flags({"data_path": ["1", "a"]}) == ["--data-path", "1", "a"]
+
+
+def test_sizes_are_the_published_architectures():
+    from megatron_patch.launch.model_sizes import find_size
+    from megatron_patch.models.registry import get_family
+
+    def values(family, size):
+        return get_family(family).hf_to_megatron(find_size(family, size).hf_config)
+
+    llama = values("llama", "8B")
+    assert (llama["num_layers"], llama["hidden_size"], llama["ffn_hidden_size"],
+            llama["num_attention_heads"], llama["num_query_groups"], llama["rotary_base"],
+            llama["use_rope_scaling"], llama["rope_scaling_factor"], llama["vocab_size"]) == \
+        (32, 4096, 14336, 32, 8, 500000, True, 8.0, 128256)
+    assert values("llama", "llama2-70b")["num_query_groups"] == 8
+    assert values("llama", "LLAMA3.2-1B")["untie_embeddings_and_output_weights"] is False
+    qwen = values("qwen2", "72B")
+    assert (qwen["num_layers"], qwen["hidden_size"], qwen["ffn_hidden_size"],
+            qwen["add_qkv_bias"], qwen["vocab_size"]) == (80, 8192, 29568, True, 152064)
+    qwen3 = values("qwen3", "0.6B")
+    assert (qwen3["kv_channels"], qwen3["qk_layernorm"], qwen3["hidden_size"]) == (128, True, 1024)
+    assert values("mistral", "7B-v0.1")["window_size"] == (4095, 0)
+    assert values("mistral", "7B")["window_size"] is None
+
+
+# ---------------------------------------------------------------------------- named flags, layouts
+
+NAMED = ["--env", "dsw", "--model-size", "8B", "--mbs", "2", "--gbs", "64", "--lr", "2e-4",
+         "--min-lr", "2e-5", "--seq-len", "4096", "--pad-len", "4096", "--pr", "bf16",
+         "--tp", "2", "--pp", "2", "--cp", "1", "--sp", "--do", "true", "--fl", "false",
+         "--ac", "full", "--save-interval", "50", "--data-path", "0.5", "/d/a", "0.5", "/d/b",
+         "--load", "/ckpt/llama", "--output", "/out"]
+
+
+def _train(argv, layout, mode, monkeypatch, backends=GPU):
+    from megatron_patch.launch.settings import parse_launch
+
+    monkeypatch.setenv("NPROC_PER_NODE", "8")
+    parsed = parse_launch(argv, layout, mode)
+    return parsed, compose("llama", parsed.mode, parsed.settings, parsed.extra, backends).train
+
+
+def test_named_flags_give_the_positional_command(monkeypatch):
+    positional = ["dsw", "8B", "2", "64", "2e-4", "2e-5", "4096", "4096", "bf16", "2", "2", "1",
+                  "true", "true", "false", "full", "50", "0.5 /d/a 0.5 /d/b", "/ckpt/llama",
+                  str(4096 * 64 * 100), str(4096 * 64 * 10), "/out"]
+    named = [*NAMED, "--train-tokens", str(4096 * 64 * 100), "--warmup-tokens",
+             str(4096 * 64 * 10)]
+    _, by_position = _train(positional, "pai", "pretrain", monkeypatch)
+    _, by_name = _train(named, "pai", "pretrain", monkeypatch)
+    assert by_name == by_position
+    assert _value(by_position, "--train-iters") == "100"
+    assert ["--recompute-granularity", "full"] == by_position[
+        by_position.index("--recompute-granularity"):by_position.index("--recompute-granularity")
+        + 2]
+    # Named flags after positions win over them.
+    _, mixed = _train([*positional, "--tp", "4", "--log-interval", "1"], "pai", "pretrain",
+                      monkeypatch)
+    assert _value(mixed, "--tensor-model-parallel-size") == "4" and mixed[-2:] == [
+        "--log-interval", "1"]
+
+
+def test_run_mcore_order_and_sft_iterations(monkeypatch):
+    monkeypatch.delenv("MODE", raising=False)
+    mcore = ["dsw", "8B", "2", "64", "2e-4", "2e-5", "4096", "4096", "bf16", "2", "2", "1",
+             "true", "true", "false", "true", "full", "false", "50", "0.5 /d/a 0.5 /d/b",
+             "/d/valid", "/ckpt/llama", "300", "30", "/out"]
+    parsed, by_position = _train(mcore, "mcore", None, monkeypatch)
+    assert parsed.mode == "finetune" and parsed.settings.train_iters == 300
+    named = [*NAMED, "--mode", "sft", "--train-iters", "300", "--warmup-iters", "30",
+             "--valid-data-path", "/d/valid"]
+    _, by_name = _train(named, "mcore", None, monkeypatch)
+    assert by_name == by_position
+    assert by_position[by_position.index("-m", by_position.index("-m") + 1) + 1] == \
+        "megatron_patch.training.finetune"
+    assert _value(by_position, "--valid-data-path") == "/d/valid" and "--split" not in by_position
+    assert _value(by_position, "--lr-warmup-iters") == "30"
+    # MODE=sft in the environment selects the same entry point; disagreeing sources are refused.
+    monkeypatch.setenv("MODE", "sft")
+    _, by_env = _train(NAMED + ["--train-iters", "300", "--warmup-iters", "30",
+                                "--valid-data-path", "/d/valid"], "mcore", None, monkeypatch)
+    assert by_env == by_position
+    with pytest.raises(LaunchError, match="conflicting modes: SFT says pretrain, MODE says sft"):
+        _train(mcore[:15] + ["false"], "mcore", None, monkeypatch)
+
+
+def test_moe_order_has_etp_and_ep():
+    from megatron_patch.launch.settings import MCORE_MOE_POSITIONAL, parse_launch
+
+    assert MCORE_MOE_POSITIONAL[12:14] == ("ETP", "EP")
+    parsed = parse_launch(["dsw", "A3B", "1", "32", "1e-4", "1e-5", "2048", "2048", "bf16",
+                           "2", "1", "1", "1", "4", "true", "true", "true", "false", "sel",
+                           "0.5"], "mcore-moe")
+    s = parsed.settings
+    assert (s.tp, s.etp, s.ep, s.sp, s.ac, s.offload_fraction) == (2, 1, 4, True, "sel", 0.5)
+
+
+def test_new_switches_render_megatron_flags(monkeypatch, tmp_path):
+    monkeypatch.setenv("TOKENIZER_PATH", "/tok")
+    _, cmd = _train(["--model-size", "70B", "--tp", "4", "--pp", "2", "--vpp", "2", "--sp",
+                     "--gbs", "64", "--mbs", "1", "--seq-len", "8192", "--optimizer-offload",
+                     "true", "--save", str(tmp_path / "ckpt"), "--train-iters", "10"],
+                    "pai", "pretrain", monkeypatch)
+    assert _value(cmd, "--num-virtual-stages-per-pipeline-rank") == "2"
+    assert "--use-distributed-optimizer" in cmd and "--use-precision-aware-optimizer" in cmd
+    assert _value(cmd, "--optimizer-offload-fraction") == "1"
+    assert _value(cmd, "--save") == str(tmp_path / "ckpt") and "--load" not in cmd
+
+
+def test_composed_command_passes_megatrons_own_validation(monkeypatch):
+    from megatron_patch.conversion.layout import parse_megatron_args
+
+    monkeypatch.setenv("TOKENIZER_PATH", "/tok")
+    monkeypatch.setenv("WORLD_SIZE", "8")
+    _, cmd = _train(["--model-size", "70B", "--tp", "2", "--pp", "2", "--vpp", "2", "--sp",
+                     "--do", "--ac", "sel", "--gbs", "32", "--mbs", "1", "--seq-len", "4096",
+                     "--train-iters", "10", "--warmup-iters", "1", "--data-path", "/d/x"],
+                    "pai", "pretrain", monkeypatch)
+    args = parse_megatron_args(cmd[cmd.index("-m", cmd.index("-m") + 1) + 2:])
+    assert (args.num_layers, args.virtual_pipeline_model_parallel_size, args.data_parallel_size,
+            args.recompute_granularity, args.rope_scaling_factor) == (80, 2, 2, "selective", 8.0)
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    (dict(pp=2, vpp=3), r"PP\*VPP=2\*3 must divide the 4 layers"),
+    (dict(vpp=2), "VPP=2 .* needs PP>1"),
+    (dict(pp=2, vpp=2, global_batch_size=8, batch_size=8), "1 micro-batches per step"),
+    (dict(tp=2, sp=True, seq_len=127, pad_len=127), "SEQ_LEN=127 must be a multiple of TP=2"),
+    (dict(ep=2), "EP=2/ETP=None need a mixture-of-experts model"),
+])
+def test_layout_checks_before_launch(settings, message, monkeypatch):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    with pytest.raises(LaunchError, match=message):
+        compose("llama", "pretrain", RunSettings(**settings), [], CPU)
+
+
+def test_expert_checks():
+    from megatron_patch.launch.command import validate
+
+    model = {"num_attention_heads": 8, "num_query_groups": 8, "num_layers": 4, "num_experts": 6}
+    te = Backends(cuda=True, transformer_engine=True, apex=False, flash_attn=False)
+    with pytest.raises(LaunchError, match="EP=4 must divide the 6 experts"):
+        validate(RunSettings(ep=4), model, 4, te)
+    with pytest.raises(LaunchError, match="EP=2 with TP=2 needs SP=true"):
+        validate(RunSettings(ep=2, tp=2, global_batch_size=16), model, 4, te)
+    with pytest.raises(LaunchError, match=r"not divisible by EP\*ETP\*PP=3\*2\*1"):
+        validate(RunSettings(ep=3, etp=2, tp=2, sp=True), model, 4, te)
+    validate(RunSettings(ep=2, tp=2, sp=True, cp=1, global_batch_size=16), model, 4, te)
+
+
+def test_model_size_may_be_an_hf_directory(tmp_path, monkeypatch):
+    import json
+
+    from megatron_patch.launch.model_sizes import find_size
+
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    (tmp_path / "config.json").write_text(json.dumps(find_size("qwen2", "tiny").hf_config))
+    settings = RunSettings(model_size=str(tmp_path), pretrain_checkpoint_path=str(tmp_path))
+    cmd = compose("qwen2", "pretrain", settings, [], CPU).train
+    assert _value(cmd, "--hf-config-path") == str(tmp_path) and "--hidden-size" not in cmd
+    with pytest.raises(LaunchError, match="is a qwen2 model, not llama"):
+        compose("llama", "pretrain", settings, [], CPU)
+    with pytest.raises(LaunchError, match="cannot express 999999.44.*HF directory instead"):
+        compose("starcoder2", "pretrain", RunSettings(model_size="3B", pretrain_checkpoint_path=str(
+            tmp_path)), [], CPU)
+
+
+def test_every_family_has_a_run_mcore_launcher(tmp_path):
+    """Every registered family has its script; its header lists the family's sizes."""
+    import os
+    import re
+    import subprocess
+    from pathlib import Path
+
+    from megatron_patch.launch.model_sizes import family_sizes
+    from megatron_patch.models.registry import registered_families
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    for family in registered_families():
+        script = examples / family / f"run_mcore_{family}.sh"
+        assert script.is_file(), script
+        header = script.read_text()
+        assert f"run_mcore.sh\" {family} " in header
+        for model in family_sizes(family):
+            assert re.search(rf"[ ;(]{re.escape(model.size)}[ ;)\n]", header), (family, model)
+    env = {**os.environ, "DRY_RUN": "1", "MODE": "sft", "PYTHON": sys.executable}
+    env.pop("NPROC_PER_NODE", None)
+    result = subprocess.run(
+        ["bash", str(examples / "qwen3" / "run_mcore_qwen3.sh"), "--gbs", "32", "--output",
+         str(tmp_path), "--log-interval", "1"], capture_output=True, text=True, env=env,
+        check=True)
+    command = result.stdout.splitlines()[-1]
+    assert "-m megatron_patch.training.finetune --model-family qwen3" in command
+    assert "--qk-layernorm" in command and "--global-batch-size 32" in command
+    assert command.endswith("--log-interval 1")

@@ -3,7 +3,7 @@
     megatron-patch convert hf-to-mcore --hf-dir H --out M [--tp N] [--pp N] [--vpp N]
         [--dtype bf16|fp16|fp32] [--extra-vocab-size N] [--make-vocab-size-divisible-by N]
         [--format torch_dist|legacy] [--decoder-first-pipeline-num-layers N]
-        [--decoder-last-pipeline-num-layers N]
+        [--decoder-last-pipeline-num-layers N] [--ep N] [--etp N]
     megatron-patch convert mcore-to-hf --mcore-dir M --out H2 [--hf-template H]
         [--dtype bf16|fp16|fp32] [--max-shard-size 5GB]
 """
@@ -42,6 +42,11 @@ def _parser() -> argparse.ArgumentParser:
                           help="torch_dist (loads at any TP/PP) or legacy mp_rank_* files")
     to_mcore.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None)
     to_mcore.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None)
+    to_mcore.add_argument("--ep", type=int, default=1,
+                          help="expert parallel size (must divide the routed experts; legacy "
+                               "file layout)")
+    to_mcore.add_argument("--etp", type=int, default=None,
+                          help="expert tensor parallel size (default: --tp)")
     to_mcore.add_argument("--no-progress", action="store_true", help="no progress bars")
     to_hf = sub.add_parser("mcore-to-hf", help="Megatron checkpoint -> HF model directory")
     to_hf.add_argument("--mcore-dir", required=True,
@@ -70,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 ckpt_format=args.ckpt_format,
                 decoder_first_pipeline_num_layers=args.decoder_first_pipeline_num_layers,
                 decoder_last_pipeline_num_layers=args.decoder_last_pipeline_num_layers,
-                progress=not args.no_progress)
+                ep=args.ep, etp=args.etp, progress=not args.no_progress)
         else:
             out = convert_mcore_to_hf(args.mcore_dir, args.out, hf_template=args.hf_template,
                                       dtype=args.dtype, max_shard_size=args.max_shard_size,

@@ -1,10 +1,11 @@
 """``megatron-patch verify``: compare HF and Megatron logits for the same weights.
 
-    megatron-patch verify --hf-dir H --mcore-dir M [--tp N] [--pp N] [--tolerance 1e-4]
-        [--batch-size 2] [--seq-length 64]
+    megatron-patch verify --hf-dir H --mcore-dir M [--tp N] [--pp N] [--ep N] [--etp N]
+        [--tolerance 1e-4] [--batch-size 2] [--seq-length 64]
 
-Prints the max abs logits difference; exits 1 above the tolerance. With ``tp * pp > 1`` it
-relaunches itself under torchrun with that many processes (gloo on the CPU, nccl on GPUs).
+Prints the max abs logits difference; exits 1 above the tolerance. When the layout needs more
+than one process (TP x PP, or EP x ETP x PP for mixture-of-experts models) it relaunches itself
+under torchrun with that many (gloo on the CPU, nccl on GPUs).
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
+from megatron_patch.conversion.cli_fidelity import add_fidelity_flags, run_fidelity
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="megatron-patch verify",
@@ -25,10 +28,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--mcore-dir", required=True, help="Megatron checkpoint directory")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size to run at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size to run at")
+    parser.add_argument("--ep", type=int, default=1,
+                        help="expert parallel size to run at (mixture-of-experts models)")
+    parser.add_argument("--etp", type=int, default=None,
+                        help="expert tensor parallel size (default: --tp)")
     parser.add_argument("--tolerance", type=float, default=1e-4,
                         help="largest accepted max abs logits difference")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--seq-length", type=int, default=64)
+    add_fidelity_flags(parser)
     return parser
 
 
@@ -50,7 +58,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``megatron-patch verify ...``; returns 0 within the tolerance, else 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    world = args.tp * args.pp
+    from megatron_patch.conversion.verify import world_size
+
+    world = world_size(args.tp, args.pp, args.ep, args.etp)
     if int(os.environ.get("WORLD_SIZE", "1")) < world:
         return _relaunch(argv, world)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -59,13 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from megatron_patch.conversion.verify import compare_logits
 
-    diff = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp,
-                          batch_size=args.batch_size, seq_length=args.seq_length)
+    mode = run_fidelity(args)  # --layers / --train-steps
+    if mode is not None:
+        return mode
+
+    diff = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, ep=args.ep,
+                          etp=args.etp, batch_size=args.batch_size,
+                          seq_length=args.seq_length)
     torch.distributed.destroy_process_group()
     ok = diff <= args.tolerance
     if int(os.environ.get("RANK", "0")) == 0:
+        experts = f", ep={args.ep}, etp={args.etp or args.tp}" if args.ep > 1 or args.etp else ""
         print(f"max abs logits diff: {diff:.3e} (tolerance {args.tolerance:g}, tp={args.tp}, "
-              f"pp={args.pp}): {'OK' if ok else 'FAILED'}", flush=True)
+              f"pp={args.pp}{experts}): {'OK' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
 
 

@@ -14,12 +14,14 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Rule, layer_regex
+from megatron_patch.conversion.mapping import Index, Rule, layer_regex
 
 # GPTModel's vocabulary-sized parameters: Megatron pads their rows, HF has exactly the vocab.
 VOCAB_PARAMS = frozenset({"embedding.word_embeddings.weight", "output_layer.weight"})
-# HF tensors that are derived buffers, not weights (old checkpoints saved RoPE frequencies).
-_IGNORED_HF = re.compile(r"^model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq$")
+# HF tensors that are derived buffers, not weights (old checkpoints saved RoPE frequencies;
+# ChatGLM's remote code saves its one rotary table).
+_IGNORED_HF = re.compile(
+    r"^(model\.layers\.\d+\.self_attn\.rotary_emb|transformer\.rotary_pos_emb)\.inv_freq$")
 _LISTED = 8
 
 
@@ -30,13 +32,6 @@ class ConversionError(ValueError):
 def check_hf_names(expected: Iterable[str], available: Iterable[str], source: str) -> None:
     """:func:`check_keys` for HF tensor names (derived buffers such as RoPE tables aside)."""
     check_keys(expected, (name for name in available if not _IGNORED_HF.match(name)), source)
-
-
-def rule_hf_names(rules: Iterable[Rule], num_layers: int) -> set[str]:
-    """Every HF tensor ``rules`` read for a model of ``num_layers`` layers."""
-    return {hf for rule in rules
-            for layer in (range(num_layers) if "*" in rule.megatron else [None])
-            for hf in rule.hf_names(layer)}
 
 
 @dataclass(frozen=True)
@@ -72,14 +67,15 @@ class WeightMap:
         self.vocab = vocab
         self.shapes = dict(shapes)
         compiled = [(layer_regex(rule.megatron), rule) for rule in rules]
-        self._rules: dict[str, tuple[Rule, int | None]] = {}
+        self._rules: dict[str, tuple[Rule, Index]] = {}
         for name in self.shapes:
             found = [(rule, m) for regex, rule in compiled if (m := regex.match(name))]
             if len(found) != 1:
                 raise ConversionError(f"Megatron parameter {name!r} matches {len(found)} "
                                       "weight-mapping rules (expected exactly one)")
             rule, match = found[0]
-            self._rules[name] = (rule, int(match.group(1)) if match.groups() else None)
+            indices = tuple(int(group) for group in match.groups())
+            self._rules[name] = (rule, indices[0] if len(indices) == 1 else indices or None)
         if vocab.hf_rows > vocab.padded:
             raise ConversionError(f"{vocab.hf_rows} vocabulary rows do not fit the Megatron "
                                   f"embedding of {vocab.padded} rows")
@@ -88,6 +84,10 @@ class WeightMap:
         """The HF tensors that make up Megatron parameter ``name``."""
         rule, layer = self._rules[name]
         return rule.hf_names(layer)
+
+    def all_hf_names(self) -> set[str]:
+        """Every HF tensor the model's parameters are built from (what a checkpoint holds)."""
+        return {hf for name in self.shapes for hf in self.hf_names(name)}
 
     def to_megatron(self, name: str, hf: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """Megatron parameter ``name`` (unsharded, vocabulary padded) from its HF tensors."""

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.conversion.engine import ConversionError, check_hf_names, rule_hf_names
+from megatron_patch.conversion.engine import ConversionError, check_hf_names
 from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import HFCheckpoint, dtype_name, parse_dtype
 from megatron_patch.conversion.layout import (
@@ -27,7 +27,12 @@ from megatron_patch.conversion.metadata import write_checkpoint_metadata
 from megatron_patch.conversion.torch_dist import save_torch_dist
 from megatron_patch.models.builder import transformer_config_from_args
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.models.registry import MegatronArgs, family_for_hf_config
+from megatron_patch.models.registry import (
+    HFConfig,
+    MegatronArgs,
+    ModelFamily,
+    family_for_hf_config,
+)
 from megatron_patch.models.vocab import needed_vocab_rows, padded_vocab_size
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
@@ -50,21 +55,54 @@ def tokenizer_size(hf_dir: Path) -> int | None:
 
 
 def _layout_values(tp: int, pp: int, vpp: int | None, first: int | None,
-                   last: int | None) -> MegatronArgs:
+                   last: int | None, ep: int = 1, etp: int | None = None) -> MegatronArgs:
     values = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp,
               "num_virtual_stages_per_pipeline_rank": vpp,
               "decoder_first_pipeline_num_layers": first,
-              "decoder_last_pipeline_num_layers": last}
+              "decoder_last_pipeline_num_layers": last,
+              "expert_model_parallel_size": ep if ep > 1 else None,
+              "expert_tensor_parallel_size": etp}
     return {key: value for key, value in values.items() if value is not None}
 
 
-def _check_parallel(model: MegatronArgs, tp: int, pp: int, vpp: int | None) -> None:
+def _check_parallel(model: MegatronArgs, tp: int, pp: int, vpp: int | None, ep: int = 1,
+                    etp: int | None = None, ckpt_format: str = "torch_dist") -> None:
     for field in ("num_attention_heads", "num_query_groups"):
-        if model[field] % tp:
+        if model.get(field) and model[field] % tp:
             raise ConversionError(f"--tp {tp} must divide {field}={model[field]} "
                                   "(Megatron splits attention heads and key/value groups)")
     if vpp and pp == 1:
         raise ConversionError("--vpp needs --pp > 1")
+    experts = model.get("num_experts")
+    if (ep > 1 or etp is not None) and not experts:
+        raise ConversionError(f"--ep {ep} / --etp {etp} need a mixture-of-experts model; this "
+                              "one has no routed experts")
+    if experts and experts % ep:
+        raise ConversionError(f"--ep {ep} must divide the {experts} routed experts "
+                              "(config.json num_experts / num_local_experts / n_routed_experts)")
+    expert_tp = tp if etp is None else etp
+    if experts and model["moe_ffn_hidden_size"] % expert_tp:
+        raise ConversionError(f"expert tensor parallel size {expert_tp} must divide the expert "
+                              f"FFN size moe_ffn_hidden_size={model['moe_ffn_hidden_size']}")
+    if ckpt_format == "legacy" and expert_tp != tp:
+        raise ConversionError(f"--etp {etp} differs from --tp {tp}: legacy checkpoints split "
+                              "experts over the tensor-parallel ranks; use --format torch_dist "
+                              "(it loads at any TP/EP/ETP)")
+
+
+def unconverted_removed(family: ModelFamily, hf_config: HFConfig,
+                        reader: HFCheckpoint) -> list[str]:
+    """The checkpoint's tensor names without those the family knowingly does not convert
+    (warned about, e.g. DeepSeek-V3's multi-token-prediction layers)."""
+    names = reader.names
+    if family.unconverted_hf_tensors is None:
+        return names
+    dropped, reason = family.unconverted_hf_tensors(hf_config, names)
+    if dropped:
+        shown = ", ".join(sorted(dropped)[:3]) + (", ..." if len(dropped) > 3 else "")
+        warnings.warn(f"{reader.hf_dir}: {len(dropped)} tensors are not converted ({shown}): "
+                      f"{reason}", stacklevel=2)
+    return sorted(set(names) - set(dropped))
 
 
 @dataclass(frozen=True)
@@ -111,14 +149,17 @@ def convert_hf_to_mcore(
     ckpt_format: str = "torch_dist",
     decoder_first_pipeline_num_layers: int | None = None,
     decoder_last_pipeline_num_layers: int | None = None,
+    ep: int = 1,
+    etp: int | None = None,
     progress: bool = True,
 ) -> Path:
     """Convert the HF model in ``hf_dir`` into a Megatron release checkpoint at ``out``.
 
-    ``torch_dist`` (default) loads at any TP/PP/VPP; ``tp`` still sets the vocabulary padding
-    (``make_vocab_size_divisible_by * tp``) and the layout recorded in the metadata. ``legacy``
-    writes ``release/mp_rank_XX[_YYY]/model_optim_rng.pt`` for exactly ``tp``/``pp``/``vpp``.
-    ``dtype`` defaults to that of the HF weights. Returns ``out``.
+    ``torch_dist`` (default) loads at any TP/PP/VPP/EP/ETP; ``tp`` still sets the vocabulary
+    padding (``make_vocab_size_divisible_by * tp``) and ``tp``..``etp`` the layout recorded in
+    the metadata. ``legacy`` writes ``release/mp_rank_XX[_YYY][_ZZZ]/model_optim_rng.pt`` for
+    exactly ``tp``/``pp``/``vpp``/``ep`` (expert parallelism ``ep``; expert tensor parallelism
+    ``etp``, default ``tp``). ``dtype`` defaults to that of the HF weights. Returns ``out``.
     """
     if ckpt_format not in FORMATS:
         raise ValueError(f"ckpt_format={ckpt_format!r}; use one of {FORMATS}")
@@ -126,10 +167,10 @@ def convert_hf_to_mcore(
     hf_config = load_hf_config(hf_dir)
     family = family_for_hf_config(hf_config)
     model = family.hf_to_megatron(hf_config)
-    _check_parallel(model, tp, pp, vpp)
+    _check_parallel(model, tp, pp, vpp, ep, etp, ckpt_format)
     reader = HFCheckpoint(hf_dir)
     layout_values = _layout_values(tp, pp, vpp, decoder_first_pipeline_num_layers,
-                                   decoder_last_pipeline_num_layers)
+                                   decoder_last_pipeline_num_layers, ep, etp)
     with atomic_directory(out) as scratch, single_process_group(scratch):
         args = parse_megatron_args([
             "--hf-config-path", str(hf_dir), "--micro-batch-size", "1",
@@ -138,9 +179,9 @@ def convert_hf_to_mcore(
         config = transformer_config_from_args(args)
         chunks = pipeline_chunks(config, pp, vpp, decoder_first_pipeline_num_layers,
                                  decoder_last_pipeline_num_layers)
-        rules = family.weight_mappings(config, not args.untie_embeddings_and_output_weights)
-        check_hf_names(rule_hf_names(rules, config.num_layers), reader.names, str(hf_dir))
         embedding = hf_embedding_name(family, config)
+        if embedding not in reader.names:  # it sizes the vocabulary: needed before the layout
+            raise ConversionError(f"{hf_dir}: missing {embedding!r}")
         vocab = size_vocabulary(hf_dir, reader.shape(embedding)[0], extra_vocab_size,
                                 make_vocab_size_divisible_by, tp)
         args.padded_vocab_size = vocab.padded_vocab_size
@@ -148,6 +189,8 @@ def convert_hf_to_mcore(
         out_dtype = parse_dtype(dtype) if dtype else hf_dtype
         layout = build_layout(args, family, out_dtype)
         weights = layout.weight_map(hf_vocab_rows=vocab.hf_vocab_rows)
+        check_hf_names(weights.all_hf_names(), unconverted_removed(family, hf_config, reader),
+                       str(hf_dir))
 
         def source(name: str) -> torch.Tensor:
             hf = {hf_name: reader.get(hf_name) for hf_name in weights.hf_names(name)}
@@ -160,7 +203,7 @@ def convert_hf_to_mcore(
         if ckpt_format == "torch_dist":
             save_torch_dist(layout, release, source, common, progress)
         else:
-            save_legacy(layout, release, source, common, chunks, tp, progress)
+            save_legacy(layout, release, source, common, chunks, tp, progress, ep)
         (scratch / TRACKER_FILE).write_text("release")
         shutil.copy2(hf_dir / "config.json", scratch / "config.json")
         copy_model_files(hf_dir, scratch)
@@ -170,7 +213,7 @@ def convert_hf_to_mcore(
             "checkpoint_format": ckpt_format,
             # Architecture defaults for `--load`; a legacy checkpoint also fixes its layout.
             "megatron_args": {**model, **(layout_values if ckpt_format == "legacy" else {})},
-            "layout": {"tp": tp, "pp": pp, "vpp": vpp,
+            "layout": {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "etp": etp,
                        "decoder_first_pipeline_num_layers": decoder_first_pipeline_num_layers,
                        "decoder_last_pipeline_num_layers": decoder_last_pipeline_num_layers},
             "hf_config": hf_config,

@@ -42,14 +42,21 @@ POST_PROCESS_PREFIXES = ("decoder.final_layernorm.", "output_layer.")
 LAYOUT_ARGS = ("tensor_model_parallel_size", "pipeline_model_parallel_size",
                "virtual_pipeline_model_parallel_size", "num_virtual_stages_per_pipeline_rank",
                "num_layers_per_virtual_pipeline_stage", "decoder_first_pipeline_num_layers",
-               "decoder_last_pipeline_num_layers")
+               "decoder_last_pipeline_num_layers", "expert_model_parallel_size",
+               "expert_tensor_parallel_size")
+# A routed expert's parameters (SequentialMLP): ``...mlp.experts.local_experts.<expert>.<rest>``.
+_EXPERT = re.compile(r"^(.*\.experts\.local_experts\.)(\d+)(\..*)$")
 
 
-def parse_megatron_args(argv: Sequence[str]) -> argparse.Namespace:
-    """Megatron + megatron-patch arguments exactly as training parses them, without the log."""
+def parse_megatron_args(argv: Sequence[str],
+                        defaults: dict | None = None) -> argparse.Namespace:
+    """Megatron + megatron-patch arguments exactly as training parses them, without the log.
+
+    ``defaults`` are passed on to :func:`parse_training_args`.
+    """
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return parse_training_args(list(argv))
+        return parse_training_args(list(argv), defaults)
 
 
 def layer_index(name: str) -> int | None:
@@ -61,6 +68,17 @@ def layer_index(name: str) -> int | None:
 def with_layer(name: str, layer: int) -> str:
     """``name`` with its decoder-layer index replaced by ``layer``."""
     return _LAYER.sub(lambda m: f"decoder.layers.{layer}.{m.group(2)}", name)
+
+
+def expert_index(name: str) -> int | None:
+    """Expert index of a routed expert's parameter name, None for every other parameter."""
+    match = _EXPERT.match(name)
+    return int(match.group(2)) if match else None
+
+
+def with_expert(name: str, expert: int) -> str:
+    """A routed expert's parameter ``name`` with its expert index replaced by ``expert``."""
+    return _EXPERT.sub(lambda m: f"{m.group(1)}{expert}{m.group(3)}", name)
 
 
 @dataclass
@@ -79,8 +97,14 @@ class MegatronLayout:
 
     @functools.cached_property
     def parameters(self) -> dict[str, torch.nn.Parameter]:
-        """Parameter name -> meta parameter (shape, dtype, tensor-parallel attributes)."""
-        return dict(self.model.named_parameters())
+        """Parameter name -> meta parameter (shape, dtype, tensor-parallel attributes).
+
+        Persistent buffers that are model weights (the MoE router's ``expert_bias``) are
+        included: checkpoints hold them like parameters.
+        """
+        state = self.model.state_dict(keep_vars=True)
+        buffers = {name: buffer for name, buffer in self.model.named_buffers() if name in state}
+        return {**dict(self.model.named_parameters()), **buffers}
 
     def weight_map(self, hf_vocab_rows: int) -> WeightMap:
         """The family's HF <-> Megatron rules resolved against this model's parameters."""
@@ -118,6 +142,7 @@ def single_stage_args(args: argparse.Namespace, family: ModelFamily) -> argparse
     for name in LAYOUT_ARGS:
         setattr(args, name, None)
     args.tensor_model_parallel_size = args.pipeline_model_parallel_size = 1
+    args.expert_model_parallel_size = args.expert_tensor_parallel_size = 1
     args.sequence_parallel = False
     args.model_family = family.name
     return args

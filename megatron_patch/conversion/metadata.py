@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from megatron_patch.conversion.files import atomic_write_text
+
 METADATA_FILE = "megatron_patch.json"
 
 
@@ -22,7 +24,5 @@ def checkpoint_metadata(checkpoint_dir: str | Path) -> dict[str, Any] | None:
 
 def write_checkpoint_metadata(checkpoint_dir: str | Path, metadata: dict[str, Any]) -> None:
     """Write ``megatron_patch.json`` atomically."""
-    path = Path(checkpoint_dir) / METADATA_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(metadata, indent=2, sort_keys=True))
-    tmp.replace(path)
+    atomic_write_text(Path(checkpoint_dir) / METADATA_FILE,
+                      json.dumps(metadata, indent=2, sort_keys=True))

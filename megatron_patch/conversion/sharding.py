@@ -9,6 +9,7 @@ chunks along dim 0 already give each rank whole groups.
 from __future__ import annotations
 
 import torch
+from megatron.core import parallel_state
 
 
 def is_gated_fc1(name: str, gated_linear_unit: bool) -> bool:
@@ -38,3 +39,14 @@ def tp_unshard(shards: list[torch.Tensor], partition_dim: int, gated: bool = Fal
         return torch.cat([torch.cat([p[i] for p in pairs], dim=partition_dim) for i in (0, 1)],
                          dim=partition_dim)
     return torch.cat(shards, dim=partition_dim)
+
+
+def tensor_parallel_split(param: torch.Tensor) -> tuple[int, int]:
+    """(rank, size) of the group splitting ``param`` on this process: expert tensor
+    parallelism for routed experts (Megatron marks them ``allreduce=False`` once EP > 1 or
+    ETP != TP), tensor parallelism for everything else."""
+    if not getattr(param, "allreduce", True):
+        return (parallel_state.get_expert_tensor_parallel_rank(),
+                parallel_state.get_expert_tensor_parallel_world_size())
+    return (parallel_state.get_tensor_model_parallel_rank(),
+            parallel_state.get_tensor_model_parallel_world_size())

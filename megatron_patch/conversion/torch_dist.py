@@ -53,24 +53,26 @@ def _quiet_dcp() -> Iterator[None]:
 
 
 class _ChunkIndex:
-    """Where each layout parameter lives in a checkpoint: its key, and its layer for keys that
-    stack all layers along a prepended axis (``decoder.layers.mlp.linear_fc2.weight``)."""
+    """Where each layout parameter lives in a checkpoint: its key, and its position along the
+    axes prepended to keys that stack all layers (``decoder.layers.mlp.linear_fc2.weight``:
+    the layer) or all layers and experts (``decoder.layers.mlp.experts.experts.linear_fc1.
+    weight``: layer, expert)."""
 
     def __init__(self, layout: MegatronLayout):
         sharded = layout.model.sharded_state_dict()
         apply_factories(sharded)
         self.order = {name: i for i, group in enumerate(layout.groups()) for name in group}
-        self.names: dict[tuple[str, int | None], str] = {}
-        self.location: dict[str, tuple[str, int | None]] = {}
+        self.names: dict[tuple[str, tuple[int, ...]], str] = {}
+        self.location: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.prepend: dict[str, int] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         self.sharded = sharded
         for name, entry in sharded.items():
             for tensor in nested_values({name: entry}):
                 if isinstance(tensor, ShardedTensor):
-                    layer = tensor.global_offset[0] if tensor.prepend_axis_num else None
-                    self.names[(tensor.key, layer)] = name
-                    self.location[name] = (tensor.key, layer)
+                    stacked = tuple(tensor.global_offset[:tensor.prepend_axis_num])
+                    self.names[(tensor.key, stacked)] = name
+                    self.location[name] = (tensor.key, stacked)
                     self.prepend[tensor.key] = tensor.prepend_axis_num
                     self.shapes[tensor.key] = tuple(tensor.global_shape)
 
@@ -78,7 +80,7 @@ class _ChunkIndex:
         """(parameter name, prepended axes) of a DCP write item."""
         fqn, offset = item.index.fqn, item.index.offset
         prepend = self.prepend[fqn]
-        return self.names[(fqn, offset[0] if prepend else None)], prepend
+        return self.names[(fqn, tuple(offset[:prepend]))], prepend
 
     def position(self, item: WriteItem) -> int:
         """Streaming position of an item: objects first, then tensors layer by layer."""
@@ -193,20 +195,19 @@ class TorchDistCheckpoint:
 
     def load(self, names: list[str]) -> dict[str, torch.Tensor]:
         """The unsharded tensors of layout parameters ``names`` (dtype as stored); call
-        :meth:`check` first. A layer's slice of a layer-stacked key is read on its own."""
-        request, layers = {}, {}
+        :meth:`check` first. A layer's (expert's) slice of a stacked key is read on its own."""
+        request, stacked = {}, {}
         for name in names:
-            key, layer = self._index.location[name]
+            key, positions = self._index.location[name]
             meta = self.tensors[key]
-            if layer is None:
-                data, offsets = torch.empty(meta.global_shape, dtype=meta.dtype), ()
-            else:
-                data = torch.empty((1, *meta.global_shape[1:]), dtype=meta.dtype)
-                offsets = ((0, layer, meta.global_shape[0]),)
+            axes = len(positions)
+            data = torch.empty((1,) * axes + tuple(meta.global_shape[axes:]), dtype=meta.dtype)
+            offsets = [(axis, index, meta.global_shape[axis])
+                       for axis, index in enumerate(positions)]
             request[name] = ShardedTensor.from_rank_offsets(key, data, *offsets)
-            layers[name] = layer
+            stacked[name] = axes
         with _quiet_dcp():
             loaded = dist_checkpointing.load(request, str(self.directory),
                                              validate_access_integrity=False)
-        return {name: loaded[name] if layer is None else loaded[name][0]
-                for name, layer in layers.items()}
+        return {name: loaded[name].reshape(loaded[name].shape[axes:])
+                for name, axes in stacked.items()}

@@ -1,15 +1,18 @@
 """Run an HF model and its Megatron checkpoint on the same tokens and compare the logits.
 
 The Megatron side is built and loaded exactly as training does (``parse_training_args`` with
-``--load``, ``get_model``, ``megatron.training.checkpointing.load_checkpoint``), at any TP/PP,
-so a passing comparison also shows that training can start from the checkpoint. Call
-:func:`compare_logits` on every rank of a world of ``tp * pp`` (or a multiple) processes.
+``--load``, ``get_model``, ``megatron.training.checkpointing.load_checkpoint``), at any
+TP/PP/EP/ETP, so a passing comparison also shows that training can start from the checkpoint.
+Call :func:`compare_logits` on every rank of a world of :func:`world_size` (or a multiple)
+processes.
 """
 
 from __future__ import annotations
 
 import gc
+import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -25,6 +28,11 @@ from megatron_patch.models.builder import build_gpt_model, transformer_config_fr
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize
 from megatron_patch.training.pretrain import set_padded_vocab
+
+
+def world_size(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> int:
+    """Smallest process count for TP x PP and EP x ETP x PP at once (Megatron tiles both)."""
+    return math.lcm(tp, ep * (tp if etp is None else etp)) * pp
 
 
 def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -72,12 +80,17 @@ def forward_logits(model: list[torch.nn.Module], tokens: torch.Tensor) -> torch.
     return tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0]).float()
 
 
-def reference_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
-    """HF logits computed on rank 0 (one HF model in memory) and broadcast to every rank."""
+def reference_logits(hf_dir: str | Path, tokens: torch.Tensor,
+                     compute: Callable[[str | Path, torch.Tensor], torch.Tensor] = hf_logits
+                     ) -> torch.Tensor:
+    """HF logits computed on rank 0 (one HF model in memory) and broadcast to every rank.
+
+    ``compute(hf_dir, tokens)`` gives them (default: :func:`hf_logits`).
+    """
     rows = int(load_hf_config(hf_dir)["vocab_size"])
     reference = torch.empty(*tokens.shape, rows)
     if torch.distributed.get_rank() == 0:
-        reference = hf_logits(hf_dir, tokens)
+        reference = compute(hf_dir, tokens)
     reference = reference.to(_device())
     torch.distributed.broadcast(reference, src=0)
     return reference
@@ -111,28 +124,37 @@ def megatron_logits(args, tokens: torch.Tensor) -> torch.Tensor | None:
 
 
 def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp: int = 1,
-                   batch_size: int = 2, seq_length: int = 64, seed: int = 0) -> float:
+                   ep: int = 1, etp: int | None = None, extra_args: Sequence[str] = (),
+                   batch_size: int = 2, seq_length: int = 64, seed: int = 0,
+                   reference: Callable[[str | Path, torch.Tensor], torch.Tensor] = hf_logits
+                   ) -> float:
     """Max |HF - Megatron| logit over random tokens, identical on every rank.
 
-    Sets up Megatron's parallel state (TP ``tp``, PP ``pp``, data parallel over the remaining
-    ranks) and tears it down again, so several comparisons can run in one process group.
+    ``reference(hf_dir, tokens)`` computes the HF logits (default: the model in ``hf_dir``).
+    ``extra_args`` are further Megatron flags for the model (e.g. ``--moe-grouped-gemm``).
+
+    Sets up Megatron's parallel state (TP ``tp``, PP ``pp``, expert parallelism ``ep`` with
+    expert TP ``etp`` (default ``tp``), data parallel over the remaining ranks) and tears it
+    down again, so several comparisons can run in one process group.
     """
     world = int(os.environ.get("WORLD_SIZE", "1"))  # what Megatron's arguments read
     global_batch = str(batch_size * max(1, world // (tp * pp)))
+    experts = ["--expert-model-parallel-size", str(ep)] + \
+        (["--expert-tensor-parallel-size", str(etp)] if etp else [])
     args = parse_megatron_args([
-        "--load", str(mcore_dir), "--hf-config-path", str(hf_dir),
+        "--load", str(mcore_dir), "--hf-config-path", str(hf_dir), *experts,
         "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
         "--micro-batch-size", str(batch_size), "--global-batch-size", global_batch,
         "--seq-length", str(seq_length), "--finetune", "--no-load-optim", "--no-load-rng",
-        "--attention-dropout", "0", "--hidden-dropout", "0",
+        "--attention-dropout", "0", "--hidden-dropout", "0", *extra_args,
     ])
     initialize(args)
     try:
         set_padded_vocab(args, None)
         tokens = random_tokens(int(load_hf_config(hf_dir)["vocab_size"]), batch_size,
                                seq_length, seed)
-        reference = reference_logits(hf_dir, tokens)
-        return max_abs_diff(megatron_logits(args, tokens), reference)
+        expected = reference_logits(hf_dir, tokens, reference)
+        return max_abs_diff(megatron_logits(args, tokens), expected)
     finally:
         parallel_state.destroy_model_parallel()
         destroy_num_microbatches_calculator()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from megatron_patch.data.readers import has_lone_surrogate, may_hold_surrogate
 from megatron_patch.data.sentences import split_sentences
 from megatron_patch.tokenizer import Tokenizer
 
@@ -18,6 +19,8 @@ class RecordError(ValueError):
 
 def parse_record(kind: str, payload: object) -> dict | None:
     """A record of :mod:`.readers` as a dict (``None`` for a blank JSON line)."""
+    if kind == "error":
+        raise RecordError(payload)
     if kind == "row":
         data = payload
     else:
@@ -31,8 +34,11 @@ def parse_record(kind: str, payload: object) -> dict | None:
             return None
         try:
             data = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise RecordError(f"bad JSON ({error})") from None
+        except (ValueError, RecursionError) as error:  # also too deep, too many digits
+            raise RecordError(f"bad JSON ({type(error).__name__}: {error})") from None
+        if may_hold_surrogate(payload) and has_lone_surrogate(data):
+            raise RecordError("text holds an unpaired UTF-16 surrogate (a \\uD800-\\uDFFF "
+                              "escape), which no tokenizer can encode")
     if not isinstance(data, dict):
         raise RecordError(f"not a JSON object (got {type(data).__name__})")
     return data

@@ -1,7 +1,11 @@
-"""``python -m megatron_patch.launch FAMILY MODE [positional settings] [Megatron flags]``.
+"""``python -m megatron_patch.launch FAMILY SCRIPT [positions] [named flags] [Megatron flags]``.
 
-Used by ``examples/<family>/run_*_mcore_<family>.sh``. ``DRY_RUN=1`` prints the commands instead of
-running them. The training output is shown and also written to ``OUTPUT_BASEPATH/log/``.
+``SCRIPT`` is ``pretrain`` or ``finetune`` (Pai's original 22 positions, used by
+``examples/<family>/run_{pretrain,finetune}_mcore_<family>.sh``) or ``mcore`` (the 25/27 positions
+of Pai's ``run_mcore_*.sh``; ``MODE=pretrain|sft``, the SFT position or ``--mode`` choose the
+entry point; used by ``examples/<family>/run_mcore_<family>.sh``). ``DRY_RUN=1`` prints the
+commands instead of running them. The training output is shown and also written to
+``OUTPUT_BASEPATH/log/``.
 """
 
 from __future__ import annotations
@@ -12,9 +16,19 @@ import subprocess
 import sys
 from collections.abc import Sequence
 
-from megatron_patch.launch.command import ENTRY_POINTS, Launch, compose
-from megatron_patch.launch.settings import LaunchError, parse_positional
+from megatron_patch.launch.command import Launch, compose
+from megatron_patch.launch.model_sizes import family_sizes
+from megatron_patch.launch.settings import LaunchError, parse_launch
 from megatron_patch.runtime.backends import available_backends
+
+SCRIPTS = ("pretrain", "finetune", "mcore")
+
+
+def layout_for(family: str, script: str) -> str:
+    """The positional order of a launcher script (Pai's, per script and family kind)."""
+    if script != "mcore":
+        return "pai"
+    return "mcore-moe" if any(m.is_moe for m in family_sizes(family)) else "mcore"
 
 
 def _show(command: list[str], env: dict[str, str]) -> str:
@@ -37,14 +51,17 @@ def _run_logged(launch: Launch) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Compose and run (or print, with ``DRY_RUN=1``) one launch."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in ENTRY_POINTS:
-        print(f"usage: python -m megatron_patch.launch FAMILY {{{','.join(ENTRY_POINTS)}}} "
-              "[ENV MODEL_SIZE ...] [--megatron-flag ...]", file=sys.stderr)
+    if len(argv) < 2 or argv[1] not in SCRIPTS:
+        print(f"usage: python -m megatron_patch.launch FAMILY {{{','.join(SCRIPTS)}}} "
+              "[ENV MODEL_SIZE ...] [--model-size 8B --tp 2 ...] [--megatron-flag ...]",
+              file=sys.stderr)
         return 2
-    family, mode = argv[:2]
+    family, script = argv[:2]
     try:
-        settings, extra = parse_positional(argv[2:], mode)
-        launch = compose(family, mode, settings, extra, available_backends())
+        parsed = parse_launch(argv[2:], layout_for(family, script),
+                              None if script == "mcore" else script)
+        launch = compose(family, parsed.mode, parsed.settings, parsed.extra,
+                         available_backends())
     except (LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import math
 import os
 import sys
 from dataclasses import dataclass, field
@@ -10,8 +12,16 @@ from pathlib import Path
 
 from megatron_patch.launch.flags import megatron_flags
 from megatron_patch.launch.model_sizes import model_size_config
-from megatron_patch.launch.settings import NO_CHECKPOINT, SHIPPED_DATA, LaunchError, RunSettings
-from megatron_patch.models.registry import get_family
+from megatron_patch.launch.settings import (
+    MODES,
+    NO_CHECKPOINT,
+    NO_PATH,
+    SHIPPED_DATA,
+    LaunchError,
+    RunSettings,
+)
+from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.registry import HFConfig, family_for_hf_config, get_family
 from megatron_patch.runtime.backends import Backends
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -34,8 +44,10 @@ class Launch:
 
 def _topology(settings: RunSettings, backends: Backends) -> dict[str, str]:
     """torchrun's node/process layout for ENV=dsw (this node) or ENV=dlc (multi-node job)."""
-    model_parallel = settings.tp * settings.pp * settings.cp
-    default_procs = backends.gpu_count if backends.cuda else model_parallel
+    # The smallest world the layout needs: dense and expert layouts both tile it.
+    dense, expert = settings.tp * settings.cp, settings.ep * settings.expert_tp
+    smallest = dense * expert // math.gcd(dense, expert) * settings.pp
+    default_procs = backends.gpu_count if backends.cuda else smallest
     layout = {"nproc-per-node": os.environ.get("NPROC_PER_NODE", str(default_procs)),
               "nnodes": "1", "node-rank": "0", "master-addr": "localhost",
               "master-port": os.environ.get("MASTER_PORT", "6000")}
@@ -50,37 +62,63 @@ def _topology(settings: RunSettings, backends: Backends) -> dict[str, str]:
     return layout
 
 
-def _validate(settings: RunSettings, model: dict, world: int, backends: Backends) -> None:
-    model_parallel = settings.tp * settings.pp * settings.cp
+def validate(settings: RunSettings, model: dict, world: int, backends: Backends) -> None:
+    """Refuse a combination Megatron would reject (or run wrongly) later, naming the fix.
+
+    ``model`` holds the Megatron argument values of the model size, ``world`` the process count.
+    """
+    s = settings
+    model_parallel = s.tp * s.pp * s.cp
+    heads, groups, layers = (model["num_attention_heads"], model["num_query_groups"],
+                             model["num_layers"])
+    experts = model.get("num_experts")
     checks = [
         (world % model_parallel == 0,
-         f"{world} processes are not divisible by TP*PP*CP={model_parallel}"),
-        (model["num_attention_heads"] % settings.tp == 0,
-         f"TP={settings.tp} must divide the {model['num_attention_heads']} attention heads"),
-        (model["num_query_groups"] % settings.tp == 0,
-         f"TP={settings.tp} must divide the {model['num_query_groups']} key/value heads"),
-        (model["num_layers"] % settings.pp == 0,
-         f"PP={settings.pp} must divide the {model['num_layers']} layers"),
-        (not settings.sp or settings.tp > 1, "SP=true needs TP>1"),
-        (settings.cp == 1 or backends.transformer_engine,
-         f"CP={settings.cp} needs Transformer Engine (pip install megatron-patch"
-         "[transformer-engine]); the torch attention path supports CP=1 only"),
-        (settings.pr != "fp8" or backends.transformer_engine,
-         "PR=fp8 needs Transformer Engine (pip install megatron-patch[transformer-engine])"),
-        (settings.pr not in ("bf16", "fp16", "fp8") or backends.cuda,
-         f"PR={settings.pr} needs a GPU; use PR=fp32 (or auto) on the CPU"),
-        (settings.warmup_iters < settings.train_iters,
-         f"WARMUP_TOKENS gives {settings.warmup_iters} warm-up iterations, not fewer than the "
-         f"{settings.train_iters} training iterations of TRAIN_TOKENS"),
+         f"{world} processes are not divisible by TP*PP*CP={s.tp}*{s.pp}*{s.cp}"),
+        (heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
+        (groups % s.tp == 0, f"TP={s.tp} must divide the {groups} key/value heads"),
+        (layers % (s.pp * s.vpp) == 0,
+         f"PP*VPP={s.pp}*{s.vpp} must divide the {layers} layers" if s.vpp > 1 else
+         f"PP={s.pp} must divide the {layers} layers"),
+        (s.vpp == 1 or s.pp > 1, f"VPP={s.vpp} (interleaved pipeline) needs PP>1"),
+        (not s.sp or s.tp > 1, "SP=true needs TP>1"),
+        (not s.sp or s.seq_len % s.tp == 0,
+         f"SP=true splits the sequence over TP: SEQ_LEN={s.seq_len} must be a multiple of "
+         f"TP={s.tp}"),
+        (s.cp == 1,
+         f"CP={s.cp} is not supported yet: the training loop gives every context-parallel rank "
+         "the whole sequence and the torch attention path has no CP; use CP=1 (long sequences: "
+         "TP with SP=true, or AC=full)"),
+        (s.pr != "fp8" or backends.transformer_engine
+         or importlib.util.find_spec("torchao") is not None,
+         "PR=fp8 needs Transformer Engine or torchao (pip install 'megatron-patch[fp8]')"),
+        (s.pr not in ("bf16", "fp16", "fp8") or backends.cuda,
+         f"PR={s.pr} needs a GPU; use PR=fp32 (or auto) on the CPU"),
+        (s.warmup_iters < s.train_iters,
+         f"the {s.warmup_iters} warm-up iterations must be fewer than the {s.train_iters} "
+         "training iterations (WARMUP_TOKENS/TRAIN_TOKENS or --warmup-iters/--train-iters)"),
+        (experts or (s.ep == 1 and s.etp is None),
+         f"EP={s.ep}/ETP={s.etp} need a mixture-of-experts model; MODEL_SIZE={s.model_size} "
+         "has no experts"),
+        (not experts or experts % s.ep == 0,
+         f"EP={s.ep} must divide the {experts} experts"),
+        (not experts or world % (s.ep * s.expert_tp * s.pp) == 0,
+         f"{world} processes are not divisible by EP*ETP*PP={s.ep}*{s.expert_tp}*{s.pp}"),
+        (not experts or s.ep == 1 or s.tp == 1 or s.sp,
+         f"EP={s.ep} with TP={s.tp} needs SP=true (Megatron's expert dispatch expects "
+         "sequence-parallel tokens)"),
     ]
-    if world % model_parallel == 0:
-        data_parallel = world // model_parallel
-        checks.append((settings.global_batch_size % (settings.batch_size * data_parallel) == 0,
-                       f"GLOBAL_BATCH_SIZE={settings.global_batch_size} must be a multiple of "
-                       f"BATCH_SIZE*DP={settings.batch_size}*{data_parallel}"))
     for ok, message in checks:
         if not ok:
             raise LaunchError(message)
+    data_parallel = world // model_parallel
+    if s.global_batch_size % (s.batch_size * data_parallel):
+        raise LaunchError(f"GLOBAL_BATCH_SIZE={s.global_batch_size} must be a multiple of "
+                          f"BATCH_SIZE*DP={s.batch_size}*{data_parallel}")
+    microbatches = s.global_batch_size // (s.batch_size * data_parallel)
+    if s.vpp > 1 and microbatches % s.pp:
+        raise LaunchError(f"VPP={s.vpp} needs the {microbatches} micro-batches per step "
+                          f"(GLOBAL_BATCH_SIZE/(BATCH_SIZE*DP)) to be a multiple of PP={s.pp}")
 
 
 def _precision_flags(pr: str) -> list[str]:
@@ -114,20 +152,30 @@ def _tokenizer(settings: RunSettings) -> tuple[str, str | None]:
     return "HFTokenizer", path
 
 
+def _sources(train: list[str], settings: RunSettings) -> list[str]:
+    """A blend split 98/2/0, or train and validation sets when VALID_DATASET_PATH is given."""
+    if settings.valid_dataset_path == NO_PATH:
+        return ["--data-path", *train, "--split", "98,2,0"]
+    return ["--train-data-path", *train, "--valid-data-path",
+            *settings.valid_dataset_path.split()]
+
+
 def _data(mode: str, settings: RunSettings, out: Path, kind: str, path: str | None
           ) -> tuple[list[list[str]], list[str]]:
     """Data flags, and the preprocessing step that builds the shipped corpus on first use.
 
     ``finetune`` reads chat data (JSONL or ``preprocess-sft`` output) directly; its shipped
-    default is the tiny chat set, packed unless ``SFT_PACKING=false``.
+    default is the tiny chat set, packed unless ``--packing false`` (or ``SFT_PACKING=false``).
     """
     if mode == "finetune":
         paths = [str(SHIPPED_CHAT)] if settings.dataset_path == SHIPPED_DATA \
             else settings.dataset_path.split()
-        packing = os.environ.get("SFT_PACKING", "true").lower() not in ("false", "0")
-        return [], ["--data-path", *paths, *(["--sft-packing"] if packing else [])]
+        packing = settings.packing
+        if packing is None:
+            packing = os.environ.get("SFT_PACKING", "true").lower() not in ("false", "0")
+        return [], [*_sources(paths, settings), *(["--sft-packing"] if packing else [])]
     if settings.dataset_path != SHIPPED_DATA:
-        return [], ["--data-path", *settings.dataset_path.split()]
+        return [], _sources(settings.dataset_path.split(), settings)
     prefix = out / "data" / "tiny_corpus"
     document = f"{prefix}_text_document"
     prepare = []
@@ -137,11 +185,32 @@ def _data(mode: str, settings: RunSettings, out: Path, kind: str, path: str | No
                         str(prefix), "--tokenizer-type", kind,
                         *(["--tokenizer-path", path] if path else []),
                         "--append-eod", "--workers", "2"])
-    return prepare, ["--data-path", document]
+    return prepare, _sources([document], settings)
+
+
+def _parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
+    flags = ["--tensor-model-parallel-size", str(s.tp),
+             "--pipeline-model-parallel-size", str(s.pp),
+             "--context-parallel-size", str(s.cp)]
+    if s.vpp > 1:
+        flags += ["--num-virtual-stages-per-pipeline-rank", str(s.vpp)]
+    if experts:
+        flags += ["--expert-model-parallel-size", str(s.ep),
+                  "--expert-tensor-parallel-size", str(s.expert_tp)]
+    flags += ["--sequence-parallel"] * s.sp
+    flags += ["--use-distributed-optimizer"] * s.do
+    if s.offload_fraction:
+        flags += ["--optimizer-cpu-offload", "--use-precision-aware-optimizer",
+                  "--optimizer-offload-fraction", f"{s.offload_fraction:g}"]
+    return flags
 
 
 def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
-    """Resume from this run's own checkpoints if any, else start from the given checkpoint."""
+    """Resume from this run's own checkpoints if any, else start from the given checkpoint.
+
+    ``save`` is ``--save`` (SAVE_PATH) when given, else the run's own directory.
+    """
+    save = Path(settings.save_path) if settings.save_path else save
     flags = ["--save", str(save), "--save-interval", str(settings.save_interval)]
     if (save / "latest_checkpointed_iteration.txt").is_file():
         return flags + ["--load", str(save)]
@@ -151,13 +220,36 @@ def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
     return flags
 
 
+def _hf_config(family: str, model_size: str) -> HFConfig:
+    """A size of the family's table, or the config.json of an HF model directory."""
+    if not Path(model_size).is_dir():
+        return model_size_config(family, model_size)
+    config = load_hf_config(model_size)
+    found = family_for_hf_config(config).name
+    if found != family:
+        raise LaunchError(f"MODEL_SIZE={model_size} is a {found} model, not {family}")
+    return config
+
+
+def _architecture_flags(model_size: str, model: dict) -> list[str]:
+    """The model's Megatron flags; an HF directory is passed whole (``--hf-config-path``)."""
+    if Path(model_size).is_dir():
+        return ["--hf-config-path", str(Path(model_size).resolve())]
+    try:
+        return megatron_flags(model)
+    except ValueError as exc:
+        raise LaunchError(f"MODEL_SIZE={model_size}: {exc}; give MODEL_SIZE as the model's HF "
+                          "directory instead") from None
+
+
 def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
             backends: Backends) -> Launch:
-    """The full launch for ``family`` in ``mode`` ("pretrain" or "finetune").
+    """The full launch for ``family`` in ``mode`` ("pretrain" or "finetune"/"sft").
 
     Fine-tuning trains on sequences of PAD_LEN tokens (samples padded or packed to it), which
     must not exceed SEQ_LEN.
     """
+    mode = MODES[mode]
     pr = settings.pr if settings.pr != "auto" else ("bf16" if backends.cuda else "fp32")
     settings = dataclasses.replace(settings, pr=pr)
     if mode == "finetune":
@@ -165,11 +257,14 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
             raise LaunchError(f"PAD_LEN={settings.pad_len} must not exceed "
                               f"SEQ_LEN={settings.seq_len}")
         settings = dataclasses.replace(settings, seq_len=settings.pad_len)
-    hf_config = model_size_config(family, settings.model_size)
-    model = get_family(family).hf_to_megatron(hf_config)
+    model = get_family(family).hf_to_megatron(_hf_config(family, settings.model_size))
     layout = _topology(settings, backends)
     world = int(layout["nproc-per-node"]) * int(layout["nnodes"])
-    _validate(settings, model, world, backends)
+    notes = []
+    if settings.offload_fraction and not settings.do:
+        notes.append("OPTIMIZER_OFFLOAD needs the distributed optimizer: DO=true")
+        settings = dataclasses.replace(settings, do=True)
+    validate(settings, model, world, backends)
 
     name = _run_name(family, mode, settings, pr)
     out = Path(settings.output_basepath).resolve()
@@ -177,20 +272,15 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
     prepare, data = _data(mode, settings, out, kind, tokenizer_path)
     tokenizer = ["--patch-tokenizer-type", kind]
     tokenizer += ["--patch-tokenizer-path", tokenizer_path] if tokenizer_path else []
-    notes = []
     attention = []
     if settings.fl and backends.transformer_engine:
         attention = ["--attention-backend", "flash"]
     elif settings.fl:
         notes.append("FL=true: no Transformer Engine, attention runs on torch SDPA "
                      "(flash/cuDNN kernels on GPU)")
-    parallel = ["--tensor-model-parallel-size", str(settings.tp),
-                "--pipeline-model-parallel-size", str(settings.pp),
-                "--context-parallel-size", str(settings.cp)]
-    parallel += ["--sequence-parallel"] * settings.sp
-    parallel += ["--use-distributed-optimizer"] * settings.do
     train = [
-        "--model-family", family, *megatron_flags(model), *parallel,
+        "--model-family", family, *_architecture_flags(settings.model_size, model),
+        *_parallel_flags(settings, model.get("num_experts")),
         "--micro-batch-size", str(settings.batch_size),
         "--global-batch-size", str(settings.global_batch_size),
         "--seq-length", str(settings.seq_len),
@@ -200,7 +290,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
         "--clip-grad", "1.0", "--seed", "1234",
         *_precision_flags(pr), *_recompute_flags(settings.ac), *attention,
-        *data, "--split", "98,2,0", *tokenizer,
+        *data, *tokenizer,
         *_checkpoint_flags(settings, out / "checkpoint" / name),
         "--log-interval", "10", "--eval-interval", str(max(1, settings.save_interval)),
         "--eval-iters", "5", "--tensorboard-dir", str(out / "tensorboard" / name),

@@ -9,6 +9,8 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.training.arguments import core_transformer_config_from_args
 
+from megatron_patch.models.common.architecture import PatchTransformerConfig
+from megatron_patch.models.common.gpt_model import PatchGPTModel
 from megatron_patch.models.registry import ModelFamily, get_family
 
 
@@ -28,8 +30,8 @@ def family_from_args(args: argparse.Namespace) -> ModelFamily:
 
 
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """Megatron's own args -> TransformerConfig translation."""
-    return core_transformer_config_from_args(args)
+    """Megatron's own args -> TransformerConfig translation (plus our architecture switches)."""
+    return core_transformer_config_from_args(args, PatchTransformerConfig)
 
 
 def build_gpt_model(
@@ -46,7 +48,7 @@ def build_gpt_model(
     uses them when installed.
     """
     family = family_from_args(args)
-    return GPTModel(
+    return PatchGPTModel(
         config=config,
         transformer_layer_spec=family.decoder_spec(config, vp_stage, transformer_engine),
         vocab_size=args.padded_vocab_size,

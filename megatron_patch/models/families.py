@@ -1,3 +1,18 @@
 """Import every built-in family so that it registers itself."""
 
-from megatron_patch.models import llama, mistral, qwen2, qwen3  # noqa: F401
+from megatron_patch.models import (  # noqa: F401
+    baichuan,
+    bloom,
+    deepseek,
+    falcon,
+    glm,
+    llama,
+    mistral,
+    mixtral,
+    opt,
+    qwen2,
+    qwen2_moe,
+    qwen3,
+    qwen3_moe,
+    starcoder,
+)

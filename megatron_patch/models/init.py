@@ -6,7 +6,8 @@ every parameter is drawn from a generator seeded by ``(seed, global parameter na
 unsharded shape and then sharded, so any TP/PP/VPP layout starts from the same weights.
 Distributions follow Megatron: normal(0, init_method_std) for weights, scaled by
 1/sqrt(2 * num_layers) for the output projections of attention and MLP, ones for norm weights,
-zeros for biases.
+zeros for biases. Experts are named by their global index, so expert parallelism does not
+change them either.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_patch.conversion.sharding import is_gated_fc1, tp_shard
+from megatron_patch.conversion.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
 
 _NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
@@ -32,19 +33,46 @@ def _strip_wrappers(name: str) -> str:
     return name
 
 
-def global_parameter_names(chunk: torch.nn.Module, tied: bool) -> dict[str, str]:
-    """Map each local parameter name of a model chunk to its layout-independent name."""
+# Local expert indices: SequentialMLP's ``local_experts.<i>.`` and grouped GEMM's ``weight<i>``.
+_LOCAL_EXPERT = re.compile(r"(\.experts\.local_experts\.)(\d+)(\.)|(\.experts\..*weight)(\d+)$")
+
+
+def _global_expert(name: str, offset: int) -> str:
+    """``name`` with its local expert index shifted to the global one (EP rank * local)."""
+    def shift(match: re.Match) -> str:
+        if match.group(1):
+            return f"{match.group(1)}{int(match.group(2)) + offset}{match.group(3)}"
+        return f"{match.group(4)}{int(match.group(5)) + offset}"
+
+    return _LOCAL_EXPERT.sub(shift, name)
+
+
+def global_parameter_names(chunk: torch.nn.Module, tied: bool,
+                           buffers: bool = False) -> dict[str, str]:
+    """Map each local parameter name of a model chunk to its layout-independent name.
+
+    ``buffers``: persistent buffers too (the MoE router's ``expert_bias``).
+    """
     layer_offsets: dict[str, int] = {}
+    local_experts = 0
     for name, module in chunk.named_modules():
         if isinstance(module, TransformerLayer):
             layer_offsets[_strip_wrappers(name)] = module.layer_number - 1
+        local_experts = getattr(module, "num_local_experts", local_experts)
+    expert_offset = parallel_state.get_expert_model_parallel_rank() * local_experts
+    tensors = dict(chunk.named_parameters())
+    if buffers:
+        state = chunk.state_dict(keep_vars=True)
+        tensors.update((name, buffer) for name, buffer in chunk.named_buffers() if name in state)
     names = {}
-    for local, _ in chunk.named_parameters():
+    for local, param in tensors.items():
         name = _strip_wrappers(local)
         match = re.match(r"^(.*?decoder\.layers\.\d+)\.(.*)$", name)
         if match and match.group(1) in layer_offsets:
             prefix = re.sub(r"\d+$", str(layer_offsets[match.group(1)]), match.group(1))
             name = f"{prefix}.{match.group(2)}"
+        if not getattr(param, "allreduce", True):  # an expert of this expert-parallel rank
+            name = _global_expert(name, expert_offset)
         if tied and name == "output_layer.weight":
             name = "embedding.word_embeddings.weight"
         names[local] = name
@@ -55,7 +83,7 @@ def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: i
           config: TransformerConfig) -> torch.Tensor:
     if isinstance(module, _NORMS) or name.endswith("bias"):
         return torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)
-    tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    tp_rank, tp_size = tensor_parallel_split(param)  # experts split over expert TP
     partitioned = getattr(param, "tensor_model_parallel", False) and tp_size > 1
     dim = getattr(param, "partition_dim", 0)
     shape = list(param.shape)
@@ -71,7 +99,7 @@ def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: i
     full = torch.empty(shape, dtype=torch.float32, device=param.device)
     full.normal_(0.0, std, generator=generator)
     if partitioned:
-        full = tp_shard(full, dim, parallel_state.get_tensor_model_parallel_rank(), tp_size,
+        full = tp_shard(full, dim, tp_rank, tp_size,
                         gated=is_gated_fc1(name, config.gated_linear_unit))
     return full
 

@@ -29,6 +29,8 @@ class ModelFamily:
         weight_mappings: ``(config, tie_embeddings)`` -> the declarative HF <-> Megatron
             parameter mapping.
         qk_layernorm: whether attention has per-head q/k norms.
+        unconverted_hf_tensors: ``(hf_config, hf_tensor_names)`` -> the HF tensors the family
+            knowingly does not convert and why (conversion warns instead of failing on them).
     """
 
     name: str
@@ -38,6 +40,7 @@ class ModelFamily:
     weight_mappings: Callable[[TransformerConfig, bool], list]
     qk_layernorm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    unconverted_hf_tensors: Callable[[HFConfig, list[str]], tuple[list[str], str]] | None = None
 
     def layer_spec(
         self, config: TransformerConfig, transformer_engine: bool | None = None

@@ -12,6 +12,8 @@ only when ``torch.cuda.is_available()`` is False (so nothing that works on a GPU
    uses the CPU generator instead, so dropout/initialisation forks keep Megatron's semantics.
 4. Streams and device queries: CUDA streams/events become no-ops (CPU work is serial) and
    ``megatron.training``'s GPU-architecture probe reports 0.
+5. MoE: the alltoall token dispatcher's split sizes become numpy arrays, as its GPU path makes
+   them (``all_to_all_single`` rejects tensors there).
 
 ``tests/test_cpu_compat.py`` fails if an upstream change makes any of these patches stale.
 """
@@ -78,6 +80,10 @@ class _SerialStream:
     def __getattr__(self, _name: str):
         return lambda *_a, **_k: None
 
+    def record_event(self, *_args: Any, **_kwargs: Any) -> _SerialStream:
+        """An already completed event (MoE's alltoall dispatcher synchronizes on it)."""
+        return _SerialStream()
+
 
 def _cpu_manual_seed(seed: int) -> None:
     """CPU stand-in for ``torch.cuda.manual_seed`` (seeds only the CPU generator)."""
@@ -125,6 +131,22 @@ def _patch_megatron_training() -> None:
         module.get_device_arch_version = lambda: 0
 
 
+def _cpu_split_sizes(tensor: Any, as_numpy: bool = False, record_stream: bool = False) -> Any:
+    """CPU stand-in for the MoE token dispatcher's ``maybe_move_tensor_to_cpu``.
+
+    On a GPU it returns the all-to-all split sizes as numpy arrays, the type
+    ``all_to_all_single`` accepts; on the CPU upstream leaves them tensors, which it rejects.
+    """
+    return tensor.numpy() if as_numpy and torch.is_tensor(tensor) else tensor
+
+
+def _patch_megatron_moe() -> None:
+    """Let MoE's alltoall token dispatcher hand its split sizes to gloo as on a GPU."""
+    from megatron.core.transformer.moe import token_dispatcher
+
+    token_dispatcher.maybe_move_tensor_to_cpu = _cpu_split_sizes
+
+
 @functools.cache
 def _device_mode() -> CudaToCpuMode:
     return CudaToCpuMode()
@@ -141,6 +163,7 @@ def apply_cpu_compat() -> bool:
         _patch_torch_cuda()
         _patch_megatron_rng()
         _patch_megatron_training()
+        _patch_megatron_moe()
         _device_mode().__enter__()
         _APPLIED = True
     return True

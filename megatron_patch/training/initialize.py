@@ -15,6 +15,7 @@ from megatron.training.global_vars import set_args
 
 from megatron_patch.runtime.backends import available_backends
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
+from megatron_patch.training.resilience import install_exit_signal_handler
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
@@ -59,6 +60,7 @@ def set_random_seeds(seed: int) -> None:
 def initialize(args: argparse.Namespace) -> None:
     """Everything a training or inference process needs before building the model."""
     set_args(args)
+    install_exit_signal_handler(args)
     initialize_distributed(args)
     set_random_seeds(args.seed)
     init_num_microbatches_calculator(

@@ -3,7 +3,8 @@
 Runs unchanged on GPUs (nccl) and CPUs (gloo). Checkpoints are written and read by
 ``megatron.training.checkpointing`` so they are Megatron-LM checkpoints (``torch_dist`` by
 default, ``latest_checkpointed_iteration.txt`` + ``iter_0000100/``), with optimizer, scheduler
-and RNG state.
+and RNG state, and saved crash-safe (:mod:`.checkpoint`); exit signals, non-finite losses and
+gradients and loss spikes are handled per iteration (:mod:`.resilience`).
 """
 
 from __future__ import annotations
@@ -22,22 +23,35 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_model_config
-from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron.training.checkpointing import checkpoint_exists, load_checkpoint
+from megatron.training.global_vars import get_args
 from megatron.training.training import (
     get_megatron_optimizer_config,
     get_model,
     get_optimizer_param_scheduler,
     num_floating_point_operations,
 )
+from megatron.training.utils import print_rank_0
 
 from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
 from megatron_patch.models.init import init_layout_invariant
+from megatron_patch.runtime.float8 import convert_linears_to_float8
 from megatron_patch.runtime.gpu_fast_paths import (
     apply_gpu_fast_paths,
     compile_transformer_layers,
     use_fused_adam,
 )
+from megatron_patch.training.checkpoint import save_checkpoint_atomic
 from megatron_patch.training.logging import TrainingLogger
+from megatron_patch.training.moe_metrics import moe_router_losses
+from megatron_patch.training.resilience import (
+    SpikeDetector,
+    disable_ddp_nan_check,
+    exit_signal_name,
+    exit_signal_received,
+    handle_nonfinite,
+    nonfinite_ranks,
+)
 
 ForwardStep = Callable[[Iterator | None, torch.nn.Module], tuple]
 
@@ -56,18 +70,23 @@ class TrainState:
 
 def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
     """Build the (DDP-wrapped) model chunks, optimizer and LR schedule, then load ``--load``."""
+    fast_paths = apply_gpu_fast_paths()
     config = transformer_config_from_args(args)
 
     def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
                  pg_collection=None):
         model = build_gpt_model(args, transformer_config_from_args(args), pre_process,
                                 post_process, vp_stage)
+        if getattr(args, "torchao_float8", None):
+            count = convert_linears_to_float8(model, args.torchao_float8)
+            print_rank_0(f"> float8 training (torchao {args.torchao_float8}): {count} linears")
         if args.torch_compile_layers:
             compile_transformer_layers(model)
         return model
 
     model = get_model(provider, ModelType.encoder_or_decoder)
-    if not args.load:
+    disable_ddp_nan_check(model)
+    if not (args.load and checkpoint_exists(args.load)):  # e.g. a first run with --load = --save
         init_layout_invariant(model, config, args.seed,
                               tied=not args.untie_embeddings_and_output_weights)
     opt_config, overrides = get_megatron_optimizer_config(args)
@@ -78,7 +97,7 @@ def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
         state.iteration, state.flops_so_far = load_checkpoint(
             model, optimizer, scheduler, strict=True
         )
-    if apply_gpu_fast_paths():
+    if fast_paths:
         use_fused_adam(optimizer)
     return state
 
@@ -151,6 +170,13 @@ def train_step(state: TrainState, iterators: list, forward_step: ForwardStep,
         **_schedule_shape(args),
         forward_only=False,
     )
+    if args.check_for_nan_in_loss_and_grad:
+        # fp16 gradient overflows are the loss scaler's to skip; the loss is checked regardless
+        found = nonfinite_ranks(state.model, losses if _last_stage() else [],
+                                check_grads=not args.fp16)
+        if found:
+            handle_nonfinite(found, state.iteration + 1, args)
+            return _reduce_reported(losses if _last_stage() else []), False, None
     update_successful, grad_norm, _ = state.optimizer.step()
     if update_successful:
         state.scheduler.step(increment=args.global_batch_size)
@@ -173,6 +199,7 @@ def evaluate(state: TrainState, iterators: list, forward_step: ForwardStep,
             **_schedule_shape(args),
             forward_only=True,
         )
+        args.consumed_valid_samples += args.global_batch_size
     for chunk in state.model:
         chunk.train()
     return _reduce_reported(collected if _last_stage() else [])
@@ -194,12 +221,15 @@ def train(state: TrainState, train_iterators: list, valid_iterators: list | None
     for chunk in state.model:
         chunk.train()
     logger = TrainingLogger(args)
+    spikes = SpikeDetector() if args.check_for_spiky_loss else None
     last: dict[str, float] = {}
     saved_at = state.iteration
     while state.iteration < args.train_iters:
         start = time.time()
         losses, ok, grad_norm = train_step(state, train_iterators, forward_step, args)
         state.iteration += 1
+        router_losses = moe_router_losses(args, state.iteration)  # a collective: every rank
+        losses = {**losses, **router_losses} if losses else losses
         args.consumed_train_samples += args.global_batch_size
         flops = num_floating_point_operations(args, args.global_batch_size)
         state.flops_so_far += flops
@@ -207,13 +237,20 @@ def train(state: TrainState, train_iterators: list, valid_iterators: list | None
                     state.optimizer.get_loss_scale().item(),
                     state.scheduler.get_lr(state.optimizer.param_groups[0]))
         last = losses or last
-        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
-            save(state)
-            saved_at = state.iteration
+        if spikes is not None and losses:
+            spikes.check(state.iteration, losses)
         if (valid_iterators and args.eval_interval and args.eval_iters
                 and state.iteration % args.eval_interval == 0):
             logger.validation(state.iteration, evaluate(state, valid_iterators, forward_step, args))
+        # after the evaluation (as in Megatron-LM): the checkpoint counts its validation samples
+        if args.save and args.save_interval and state.iteration % args.save_interval == 0:
+            save(state)
+            saved_at = state.iteration
         if args.exit_interval and state.iteration % args.exit_interval == 0:
+            break
+        if exit_signal_received():
+            print_rank_0(f"received {exit_signal_name(args)} at iteration {state.iteration}: "
+                         + ("saving a final checkpoint and " if args.save else "") + "exiting")
             break
     if args.save and saved_at != state.iteration:
         save(state)
@@ -222,6 +259,5 @@ def train(state: TrainState, train_iterators: list, valid_iterators: list | None
 
 
 def save(state: TrainState) -> None:
-    """Write a Megatron checkpoint for ``state.iteration`` (atomic tracker update)."""
-    save_checkpoint(state.iteration, state.model, state.optimizer, state.scheduler,
-                    state.flops_so_far)
+    """Write a Megatron checkpoint for ``state.iteration``, crash-safe (see :mod:`.checkpoint`)."""
+    save_checkpoint_atomic(state, get_args())

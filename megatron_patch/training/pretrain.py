@@ -11,6 +11,7 @@ from megatron.core import parallel_state
 from megatron_patch.arguments import parse_training_args
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.models.vocab import resolve_padded_vocab
+from megatron_patch.training.checkpoint import check_checkpoint_before_load
 from megatron_patch.training.initialize import initialize
 from megatron_patch.training.loop import (
     ForwardStep,
@@ -63,7 +64,13 @@ def build_run_tokenizer(args: argparse.Namespace):
 
 
 def set_padded_vocab(args: argparse.Namespace, tokenizer) -> None:
-    """Set ``args.padded_vocab_size`` from tokenizer, HF rows and checkpoint metadata."""
+    """Set ``args.padded_vocab_size`` from tokenizer, HF rows and checkpoint metadata.
+
+    The tokenizer's own size is kept in ``args.tokenizer_vocab_size`` (saved with the
+    checkpoint's arguments, so a resumed run can check it uses the same vocabulary).
+    """
+    args.tokenizer_vocab_size = getattr(tokenizer, "base_vocab_size", None) or getattr(
+        tokenizer, "vocab_size", None)
     meta = checkpoint_metadata(args.load) if args.load else None
     args.padded_vocab_size = resolve_padded_vocab(
         tokenizer_vocab=tokenizer.vocab_size if tokenizer is not None else None,
@@ -91,11 +98,12 @@ def run_training(args: argparse.Namespace, build_datasets: DatasetsBuilder,
     initialize(args)
     tokenizer = build_run_tokenizer(args)
     set_padded_vocab(args, tokenizer)
+    check_checkpoint_before_load(args)
     state = setup_model_and_optimizer(args)
     train_ds, valid_ds, _ = build_datasets(args, tokenizer, train_valid_test_num_samples(args))
     valid_iterators = None
     if valid_ds is not None and args.eval_iters > 0:
-        valid_iterators = [data_iterator(valid_ds, args, 0)
+        valid_iterators = [data_iterator(valid_ds, args, args.consumed_valid_samples)
                            for _ in range(args.virtual_pipeline_model_parallel_size or 1)]
     losses = train(state, chunk_iterators(train_ds, args), valid_iterators, forward_step, args)
     parallel_state.destroy_model_parallel()

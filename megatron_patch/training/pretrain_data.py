@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -12,6 +13,8 @@ from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegat
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
 from megatron.training.utils.common_utils import get_blend_and_blend_per_split
+
+from megatron_patch.training.resilience import ignore_in_workers
 
 
 def _check_prefixes(args: argparse.Namespace) -> None:
@@ -98,6 +101,8 @@ def data_iterator(dataset, args: argparse.Namespace, consumed_samples: int) -> I
         dataset, batch_sampler=sampler, num_workers=args.num_workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.num_workers > 0,
+        worker_init_fn=partial(ignore_in_workers, args.exit_signal)
+        if args.exit_signal_handler else None,
     )
 
     def cycle() -> Iterator:

@@ -2,8 +2,9 @@
 
 ``python -m torch.distributed.run --nproc-per-node N -m tests.conversion.parity_worker CASES OUT``
 reads a JSON list of cases and writes ``{id: max_abs_diff}`` (from rank 0) to OUT. A case is
-``{"id", "hf", "tp", "pp"}`` plus either ``"mcore"`` (a converted checkpoint, loaded the way
-training loads it) or nothing (the model built by ``build_model_from_hf_config``).
+``{"id", "hf", "tp", "pp"}`` (optionally ``"ep"``, ``"etp"`` for expert parallelism) plus either
+``"mcore"`` (a converted checkpoint, loaded the way training loads it; optionally ``"extra"``
+Megatron flags) or nothing (the model built by ``build_model_from_hf_config``).
 """
 
 import json
@@ -25,8 +26,9 @@ from megatron_patch.models.common.hf_config import load_hf_config
 BATCH, SEQ = 2, 32
 
 
-def _from_hf_weights(hf: str, tp: int, pp: int) -> float:
-    parallel_state.initialize_model_parallel(tp, pp)
+def _from_hf_weights(hf: str, tp: int, pp: int, ep: int = 1, etp: int | None = None) -> float:
+    parallel_state.initialize_model_parallel(tp, pp, expert_model_parallel_size=ep,
+                                             expert_tensor_parallel_size=etp)
     try:
         model = build_model_from_hf_config(hf)
         tokens = random_tokens(load_hf_config(hf)["vocab_size"], BATCH, SEQ)
@@ -38,11 +40,13 @@ def _from_hf_weights(hf: str, tp: int, pp: int) -> float:
 def main(cases_file: str, out_file: str) -> None:
     results = {}
     for case in json.loads(Path(cases_file).read_text()):
+        experts = {"ep": case.get("ep", 1), "etp": case.get("etp")}
         if "mcore" in case:
             diff = compare_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
-                                  batch_size=BATCH, seq_length=SEQ)
+                                  batch_size=BATCH, seq_length=SEQ,
+                                  extra_args=case.get("extra", ()), **experts)
         else:
-            diff = _from_hf_weights(case["hf"], case["tp"], case["pp"])
+            diff = _from_hf_weights(case["hf"], case["tp"], case["pp"], **experts)
         results[case["id"]] = diff
     if torch.distributed.get_rank() == 0:
         Path(out_file).write_text(json.dumps(results, indent=2))

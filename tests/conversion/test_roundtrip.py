@@ -12,7 +12,13 @@ from megatron_patch.conversion import ConversionError, convert_hf_to_mcore, conv
 from megatron_patch.conversion.cli_convert import main as convert_cli
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from tests.conversion.conftest import TOKENIZER_SIZE
-from tests.conversion.tiny_models import CASES, read_safetensors, save_tiny_model
+from tests.conversion.tiny_models import (
+    CASES,
+    FEW_LAYOUTS,
+    MQA_CASES,
+    read_safetensors,
+    save_tiny_model,
+)
 
 LAYOUTS = {  # id -> convert_hf_to_mcore keyword arguments
     "dist": {},
@@ -33,7 +39,11 @@ def assert_identical(expected: dict, got: dict) -> None:
 
 
 def _layouts(case):
-    return [layout for layout in LAYOUTS if not (case == "llama_mqa" and "tp2" in layout)]
+    layouts = [layout for layout in LAYOUTS if not (case in MQA_CASES and "tp2" in layout)]
+    if case in FEW_LAYOUTS:
+        layouts = [layout for layout in layouts if layout in ("dist", "legacy-tp2-pp2")] + \
+            (["legacy-pp2-vpp2"] if case in MQA_CASES else [])
+    return layouts
 
 
 @pytest.mark.parametrize("case, layout", [(c, lay) for c in sorted(CASES) for lay in _layouts(c)])

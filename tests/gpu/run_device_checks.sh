@@ -1,33 +1,40 @@
 #!/usr/bin/env bash
-# The whole GPU check, run on a CUDA machine from the repository root (see README "GPU checks"):
-#   1. the measured bf16 matmul ceiling (MFU denominator);
-#   2. the main job (tiny Llama, shipped corpus) with PR=bf16;
-#   3. a 1.1B Llama-shaped model, bf16, mock tokens: tokens/s and Megatron's TFLOP/s per GPU.
-# Wheels in .whl/ (e.g. megatron-core) are installed first when the machine lacks them.
+# The whole single-GPU check, run on a CUDA machine from the repository root (README "GPU checks"):
+#   1. the CUDA-only unit tests;
+#   2. the main job (tiny Llama, shipped corpus) with PR=bf16: the loss must fall;
+#   3. full training step against HF transformers + torch.compile (1.1B shape, bf16 and fp8);
+#   4. fp8 against bf16 loss curves on the shipped corpus (FP8_SHAPE, default 1.1b; 300 steps).
+# Wheels in .whl/ (e.g. megatron-core, torchao) are installed first when the machine lacks them.
+# SKIP="bench parity" skips steps by name (tests, main, bench, parity).
 set -uo pipefail
 if [[ -d .whl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
 fi
-export PYTHONUNBUFFERED=1 PYTHON="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1 PYTHON="${PYTHON:-python3}" CUDA_DEVICE_MAX_CONNECTIONS=1
 RESULTS="${OUT:-output/gpu}"
+SKIP="${SKIP:-}"
 mkdir -p "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 
-echo "== matmul ceiling"
-"$PYTHON" toolkits/benchmark/matmul_ceiling.py
-
-echo "== main job, PR=bf16"
-bash examples/llama/run_pretrain_mcore_llama.sh dsw tiny 8 16 1e-3 1e-4 128 128 bf16 1 1 1 \
-  false false true none 100 shipped none 409600 40960 "$RESULTS/main" 2>&1 \
-  | tee "$RESULTS/main_job.log" | grep -E "iteration|error|Error|saved"
-
-echo "== 1.1B Llama shape (hidden 2048, 16 layers, 16 heads, 8 kv, ffn 8192, vocab 32000)"
-"$PYTHON" -m torch.distributed.run --nproc-per-node 1 -m megatron_patch.training.pretrain \
-  --num-layers 16 --hidden-size 2048 --ffn-hidden-size 8192 --num-attention-heads 16 \
-  --group-query-attention --num-query-groups 8 --seq-length 2048 --max-position-embeddings 2048 \
-  --normalization RMSNorm --swiglu --position-embedding-type rope --disable-bias-linear \
-  --untie-embeddings-and-output-weights --attention-dropout 0 --hidden-dropout 0 \
-  --dataset mock --vocab-size 32000 --micro-batch-size 4 --global-batch-size 4 --bf16 \
-  --lr 1e-4 --train-iters 30 --log-interval 5 --eval-iters 0 "$@" 2>&1 \
-  | tee "$RESULTS/llama_1b.log" | grep -E "iteration|Error|error"
+if wanted tests; then
+  echo "== CUDA unit tests"
+  "$PYTHON" -m pytest -q tests/test_gpu_fast_paths.py 2>&1 | tail -3
+fi
+if wanted main; then
+  echo "== main job, PR=bf16"
+  bash examples/llama/run_pretrain_mcore_llama.sh dsw tiny 8 16 1e-3 1e-4 128 128 bf16 1 1 1 \
+    false false true none 100 shipped none 409600 40960 "$RESULTS/main" 2>&1 \
+    | tee "$RESULTS/main_job.log" | grep -E "iteration +(10|50|100|150|200)/|rror|saved"
+fi
+if wanted bench; then
+  echo "== training step vs HF + torch.compile"
+  "$PYTHON" -m toolkits.benchmark.bench_training_step --shape 1.1b --seq 2048 --mbs 4 2>&1 \
+    | grep -v Warning | tee "$RESULTS/bench_training_step.txt" | tail -8
+fi
+if wanted parity; then
+  echo "== fp8 vs bf16 loss on the shipped corpus"
+  "$PYTHON" -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" --iters 300 2>&1 \
+    | tee "$RESULTS/fp8_loss_parity.txt" | tail -22
+fi

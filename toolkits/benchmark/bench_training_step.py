@@ -1,38 +1,44 @@
-"""Training-step speed of megatron-patch against Hugging Face transformers on the same GPU.
+"""Full training-step speed of megatron-patch against Hugging Face transformers on one GPU.
 
-One process, one GPU, the same Llama-shaped model and the same random tokens for every engine:
+Each engine trains the same Llama-shaped model on the same random tokens, one full step at a time
+(forward, backward, gradient clipping at 1.0, AdamW update), in its own process so that compile
+caches and memory do not leak between them:
 
-- ``hf``: ``LlamaForCausalLM`` (SDPA attention), bf16 weights, forward + backward;
-- ``hf-compile``: the same under ``torch.compile``;
-- ``mcore``: megatron-patch's Megatron-Core model (Megatron's bf16 mixed precision: bf16 compute,
-  fp32 main gradients), forward + backward through Megatron's pipeline schedule, and the full
-  optimizer step (distributed-optimizer Adam, grad clipping) as ``mcore-step``.
+- ``hf-compile``: ``LlamaForCausalLM`` (SDPA) with fp32 weights under bf16 autocast,
+  ``torch.compile``, ``torch.optim.AdamW(fused=True)`` - the usual HF mixed-precision recipe;
+- ``hf``: the same without ``torch.compile``;
+- ``mcore``: our Megatron-Core model through our training step (bf16 weights, fp32 main
+  gradients, distributed-optimizer Adam), with the default GPU fast paths;
+- ``mcore-fp8``: the same with ``--fp8-format hybrid`` (Transformer Engine when installed,
+  else torchao float8 GEMMs).
 
-Reports the median of ``--iters`` timed steps after warm-up (CUDA events), tokens/s, the ratio to
-``hf-compile``, and MFU: model FLOPs (Megatron's formula) per second over the bf16 matmul ceiling
-measured in the same run. Run: ``torchrun --nproc-per-node 1 toolkits/benchmark/
-bench_training_step.py [--layers 16 --hidden 2048 ...] [-- extra Megatron flags]``.
+Prints the median of ``--iters`` timed steps (CUDA events, after warm-up): tokens/s, model
+TFLOP/s by Megatron's FLOP formula, MFU against the 989 TFLOP/s H100 dense bf16 peak and against
+the bf16 matmul ceiling measured in the same run, peak GPU memory, and the ratio to
+``hf-compile``. Run on one GPU: ``python -m toolkits.benchmark.bench_training_step
+[--shape 1.1b|3b] [--seq 2048] [--mbs 4] [--engines hf-compile,mcore,mcore-fp8]
+[-- extra Megatron flags]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
+import os
 import statistics
+import subprocess
 import sys
 from collections.abc import Callable
 
 import torch
 
-from megatron_patch.arguments import parse_training_args
-from megatron_patch.training.initialize import initialize
-from megatron_patch.training.loop import (
-    _configure_model_hooks,
-    gpt_forward_step,
-    setup_model_and_optimizer,
-    train_step,
-)
-from toolkits.benchmark.matmul_ceiling import matmul_tflops
+H100_BF16_PEAK_TFLOPS = 989.0
+SHAPES = {  # name -> (layers, hidden, ffn, heads, kv heads, vocab)
+    "1.1b": (16, 2048, 8192, 16, 8, 32000),
+    "3b": (28, 3072, 8192, 24, 8, 32000),
+}
+ENGINES = ("hf", "hf-compile", "mcore", "mcore-fp8")
 
 
 def _median_ms(step: Callable[[], None], warmup: int, iters: int) -> float:
@@ -50,68 +56,80 @@ def _median_ms(step: Callable[[], None], warmup: int, iters: int) -> float:
     return statistics.median(times)
 
 
-def _hf_config(shape: argparse.Namespace):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
-        hidden_size=shape.hidden, intermediate_size=shape.ffn, num_hidden_layers=shape.layers,
-        num_attention_heads=shape.heads, num_key_value_heads=shape.kv_heads,
-        vocab_size=shape.vocab, max_position_embeddings=shape.seq, rms_norm_eps=1e-5,
-        tie_word_embeddings=False, attn_implementation="sdpa",
-    )
+def _tokens(opts: argparse.Namespace) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(0)
+    vocab = SHAPES[opts.shape][5]
+    return torch.randint(0, vocab, (opts.mbs, opts.seq), generator=generator).cuda()
 
 
-def bench_hf(shape: argparse.Namespace, tokens: torch.Tensor, compiled: bool) -> float:
-    """Median forward+backward milliseconds of the HF model."""
-    from transformers import LlamaForCausalLM
+def run_hf(opts: argparse.Namespace, compiled: bool) -> dict:
+    """Full HF training step: fp32 weights, bf16 autocast, fused AdamW, grad clipping."""
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    model = LlamaForCausalLM(_hf_config(shape)).to(device="cuda", dtype=torch.bfloat16)
+    layers, hidden, ffn, heads, kv_heads, vocab = SHAPES[opts.shape]
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+        max_position_embeddings=opts.seq, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).cuda()
     forward = torch.compile(model) if compiled else model
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
+    tokens = _tokens(opts)
 
     def step() -> None:
-        forward(input_ids=tokens, labels=tokens).loss.backward()
-        model.zero_grad(set_to_none=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            loss = forward(input_ids=tokens, labels=tokens).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
 
-    return _median_ms(step, shape.warmup, shape.iters)
-
-
-def _release_gpu_memory() -> None:
-    torch._dynamo.reset()
-    gc.collect()
-    torch.cuda.empty_cache()
+    return {"step_ms": _median_ms(step, opts.warmup, opts.iters)}
 
 
-def _megatron_argv(shape: argparse.Namespace, extra: list[str]) -> list[str]:
+def _megatron_argv(opts: argparse.Namespace, fp8: bool, extra: list[str]) -> list[str]:
+    layers, hidden, ffn, heads, kv_heads, vocab = SHAPES[opts.shape]
     return [
-        "--num-layers", str(shape.layers), "--hidden-size", str(shape.hidden),
-        "--ffn-hidden-size", str(shape.ffn), "--num-attention-heads", str(shape.heads),
-        "--group-query-attention", "--num-query-groups", str(shape.kv_heads),
-        "--seq-length", str(shape.seq), "--max-position-embeddings", str(shape.seq),
+        "--num-layers", str(layers), "--hidden-size", str(hidden),
+        "--ffn-hidden-size", str(ffn), "--num-attention-heads", str(heads),
+        "--group-query-attention", "--num-query-groups", str(kv_heads),
+        "--seq-length", str(opts.seq), "--max-position-embeddings", str(opts.seq),
         "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--swiglu",
         "--position-embedding-type", "rope", "--disable-bias-linear",
         "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
-        "--hidden-dropout", "0", "--dataset", "mock", "--vocab-size", str(shape.vocab),
-        "--make-vocab-size-divisible-by", "128", "--micro-batch-size", str(shape.mbs),
-        "--global-batch-size", str(shape.mbs), "--bf16", "--lr", "1e-4",
-        "--train-iters", "1000", "--use-distributed-optimizer", "--seed", "1", *extra,
+        "--hidden-dropout", "0", "--dataset", "mock", "--vocab-size", str(vocab),
+        "--make-vocab-size-divisible-by", "128", "--micro-batch-size", str(opts.mbs),
+        "--global-batch-size", str(opts.mbs), "--bf16", "--lr", "1e-4", "--clip-grad", "1.0",
+        "--train-iters", "1000", "--use-distributed-optimizer", "--seed", "1",
+        *(["--fp8-format", "hybrid"] if fp8 else []), *extra,
     ]
 
 
-def bench_mcore(shape: argparse.Namespace, tokens: torch.Tensor, extra: list[str]
-                ) -> tuple[float, float, float]:
-    """(forward+backward ms, full optimizer-step ms, model FLOPs per step) of megatron-patch."""
+def run_mcore(opts: argparse.Namespace, fp8: bool, extra: list[str]) -> dict:
+    """Our full training step (and its forward+backward alone) with Megatron's FLOP count."""
     from megatron.core.num_microbatches_calculator import get_num_microbatches
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.training.training import num_floating_point_operations
 
-    args = parse_training_args(_megatron_argv(shape, extra))
+    from megatron_patch.arguments import parse_training_args
+    from megatron_patch.training.initialize import initialize
+    from megatron_patch.training.loop import (
+        _configure_model_hooks,
+        gpt_forward_step,
+        setup_model_and_optimizer,
+        train_step,
+    )
+
+    args = parse_training_args(_megatron_argv(opts, fp8, extra))
     initialize(args)
-    args.padded_vocab_size = shape.vocab
+    args.padded_vocab_size = SHAPES[opts.shape][5]
     state = setup_model_and_optimizer(args)
     _configure_model_hooks(state)
+    tokens = _tokens(opts)
     batch = {"tokens": tokens, "labels": torch.roll(tokens, -1, dims=1),
              "loss_mask": torch.ones_like(tokens, dtype=torch.float),
-             "position_ids": torch.arange(shape.seq, device="cuda").expand_as(tokens)}
+             "position_ids": torch.arange(opts.seq, device="cuda").expand_as(tokens)}
 
     class Repeat:
         def __iter__(self):
@@ -125,56 +143,99 @@ def bench_mcore(shape: argparse.Namespace, tokens: torch.Tensor, extra: list[str
             chunk.zero_grad_buffer()
         get_forward_backward_func()(
             forward_step_func=gpt_forward_step, data_iterator=Repeat(), model=state.model,
-            num_microbatches=get_num_microbatches(), seq_length=shape.seq,
-            micro_batch_size=shape.mbs, decoder_seq_length=shape.seq, forward_only=False)
+            num_microbatches=get_num_microbatches(), seq_length=opts.seq,
+            micro_batch_size=opts.mbs, decoder_seq_length=opts.seq, forward_only=False)
 
-    fwd_bwd = _median_ms(forward_backward, shape.warmup, shape.iters)
-    full = _median_ms(lambda: train_step(state, [Repeat()], gpt_forward_step, args),
-                      shape.warmup, shape.iters)
-    return fwd_bwd, full, num_floating_point_operations(args, shape.mbs)
+    step_ms = _median_ms(lambda: train_step(state, [Repeat()], gpt_forward_step, args),
+                         opts.warmup, opts.iters)
+    return {"step_ms": step_ms,
+            "fwd_bwd_ms": _median_ms(forward_backward, 2, opts.iters),
+            "flops": num_floating_point_operations(args, opts.mbs),
+            "fp8": getattr(args, "torchao_float8", None) or ("te" if args.fp8 else None)}
+
+
+def worker(opts: argparse.Namespace, extra: list[str]) -> None:
+    """Run one engine and print its result as one JSON line."""
+    torch.cuda.reset_peak_memory_stats()
+    if opts.worker.startswith("hf"):
+        result = run_hf(opts, compiled=opts.worker == "hf-compile")
+    else:
+        result = run_mcore(opts, fp8=opts.worker == "mcore-fp8", extra=extra)
+    result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def _spawn(engine: str, argv: list[str]) -> dict:
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29533"),
+           "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    command = [sys.executable, "-m", "toolkits.benchmark.bench_training_step",
+               "--worker", engine, *argv]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not lines:
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        print(f"{engine} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
+        return {}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _measure_ceiling() -> float:
+    from toolkits.benchmark.matmul_ceiling import matmul_tflops
+
+    ceiling = matmul_tflops()
+    gc.collect()
+    torch.cuda.empty_cache()
+    return ceiling
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run all engines and print one table."""
+    """Run the chosen engines, each in a fresh process, and print one table."""
     argv = list(sys.argv[1:] if argv is None else argv)
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
-    argv = argv[:argv.index("--")] if "--" in argv else argv
+    own = argv[:argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    for name, default in [("layers", 16), ("hidden", 2048), ("ffn", 8192), ("heads", 16),
-                          ("kv-heads", 8), ("vocab", 32000), ("seq", 2048), ("mbs", 4),
-                          ("warmup", 5), ("iters", 10)]:
-        parser.add_argument(f"--{name}", type=int, default=default)
-    parser.add_argument("--engines", default="hf,hf-compile,mcore")
-    shape = parser.parse_args(argv)
-    engines = shape.engines.split(",")
-    torch.manual_seed(0)
-    tokens = torch.randint(0, shape.vocab, (shape.mbs, shape.seq), device="cuda")
-    step_tokens = shape.mbs * shape.seq
-    ceiling = matmul_tflops()
-    rows: dict[str, float] = {}
-    if "hf" in engines:
-        rows["hf (sdpa)"] = bench_hf(shape, tokens, compiled=False)
-        _release_gpu_memory()
-    if "hf-compile" in engines:
-        rows["hf + torch.compile"] = bench_hf(shape, tokens, compiled=True)
-        _release_gpu_memory()
-    flops = None
-    if "mcore" in engines:
-        rows["megatron-patch"], full, flops = bench_mcore(shape, tokens, extra)
-    print(f"\n{torch.cuda.get_device_name()}: bf16 matmul ceiling {ceiling:.0f} TFLOP/s; "
-          f"layers {shape.layers} hidden {shape.hidden} ffn {shape.ffn} heads {shape.heads}/"
-          f"{shape.kv_heads} vocab {shape.vocab} seq {shape.seq} mbs {shape.mbs}; "
-          f"median of {shape.iters}; extra Megatron flags: {extra or 'none'}")
-    reference = rows.get("hf + torch.compile")
-    print(f"{'engine (forward+backward)':<28}{'ms':>9}{'tokens/s':>12}{'vs hf+compile':>15}"
-          f"{'MFU':>8}")
-    for name, ms in rows.items():
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--mbs", type=int, default=4)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--engines", default="hf-compile,mcore,mcore-fp8")
+    parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
+    opts = parser.parse_args(own)
+    if opts.worker:
+        worker(opts, extra)
+        return
+    engines = opts.engines.split(",")
+    unknown = set(engines) - set(ENGINES)
+    if unknown:
+        parser.error(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
+    ceiling = _measure_ceiling()
+    results = {engine: _spawn(engine, argv) for engine in engines}
+    flops = next((r["flops"] for r in results.values() if "flops" in r), None)
+    layers, hidden, ffn, heads, kv_heads, vocab = SHAPES[opts.shape]
+    step_tokens = opts.mbs * opts.seq
+    print(f"\n{torch.cuda.get_device_name()}: measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s; "
+          f"shape {opts.shape} (layers {layers} hidden {hidden} ffn {ffn} heads {heads}/"
+          f"{kv_heads} vocab {vocab}) seq {opts.seq} mbs {opts.mbs}; full training step, median "
+          f"of {opts.iters}; extra Megatron flags: {extra or 'none'}")
+    reference = results.get("hf-compile", {}).get("step_ms")
+    print(f"{'engine':<14}{'step ms':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU/989':>9}"
+          f"{'MFU/ceil':>10}{'peak GiB':>10}{'vs hf-compile':>15}")
+    for engine, result in results.items():
+        if not result:
+            print(f"{engine:<14}{'failed':>9}")
+            continue
+        ms = result["step_ms"]
+        tflops = flops / (ms / 1e3) / 1e12 if flops else float("nan")
         ratio = f"{reference / ms:.2f}x" if reference else "-"
-        mfu = f"{flops / (ms / 1e3) / 1e12 / ceiling:.1%}" if flops else "-"
-        print(f"{name:<28}{ms:>9.1f}{step_tokens / ms * 1e3:>12,.0f}{ratio:>15}{mfu:>8}")
-    if flops:
-        print(f"{'megatron-patch full step':<28}{full:>9.1f}{step_tokens / full * 1e3:>12,.0f}"
-              f"{'(+optimizer)':>15}{flops / (full / 1e3) / 1e12 / ceiling:>8.1%}")
+        print(f"{engine:<14}{ms:>9.1f}{step_tokens / ms * 1e3:>11,.0f}{tflops:>9.0f}"
+              f"{tflops / H100_BF16_PEAK_TFLOPS:>9.1%}{tflops / ceiling:>10.1%}"
+              f"{result['peak_gib']:>10.1f}{ratio:>15}")
+    for engine, result in results.items():
+        if "fwd_bwd_ms" in result:
+            print(f"  {engine}: forward+backward alone {result['fwd_bwd_ms']:.1f} ms; "
+                  f"fp8: {result['fp8'] or 'off'}")
 
 
 if __name__ == "__main__":

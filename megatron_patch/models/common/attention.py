@@ -86,8 +86,15 @@ class SDPAttention(MegatronModule):
             window = _window_mask(query.shape[0], key.shape[0], self.window_left, query.device)
             mask = window if mask is None else mask & window
             causal = False
+        bias = self.position_bias(query.shape[0], key.shape[0], query.device)
         if attention_bias is not None:
-            mask = attention_bias if mask is None else attention_bias.masked_fill(~mask, -1e30)
+            bias = attention_bias if bias is None else bias + attention_bias
+        if bias is not None:
+            if causal:  # SDPA takes a float bias or is_causal, not both
+                mask, causal = _window_mask(query.shape[0], key.shape[0], key.shape[0],
+                                            query.device), False
+            bias = bias.to(query.dtype)
+            mask = bias if mask is None else torch.where(mask, bias, -1e30)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         dropout = self.dropout_p if self.training else 0.0
         # Dropout on TP-sharded heads draws from the model-parallel RNG stream, as Megatron does.
@@ -106,6 +113,10 @@ class SDPAttention(MegatronModule):
         sq, b = out.shape[2], out.shape[0]
         out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)
         return out if packed_seq_params is None else pack_thd(out)
+
+    def position_bias(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
+        """Additive score bias ``[1, heads, sq, sk]`` from positions (ALiBi); None here."""
+        return None
 
 
 def _window_left(config: TransformerConfig) -> int | None:

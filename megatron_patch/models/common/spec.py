@@ -18,7 +18,12 @@ from megatron.core.transformer.transformer_block import (
     get_num_layers_to_build,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+from megatron.core.transformer.transformer_layer import (
+    MlpBuilder,
+    TransformerLayer,
+    TransformerLayerSubmodules,
+    get_transformer_layer_offset,
+)
 
 from megatron_patch.models.common.attention import SDPAttention
 from megatron_patch.models.common.norm import PatchNorm
@@ -49,16 +54,21 @@ def use_transformer_engine() -> bool:
 
 
 def build_layer_spec(
-    config: TransformerConfig, qk_layernorm: bool = False, transformer_engine: bool | None = None
+    config: TransformerConfig, qk_layernorm: bool = False, transformer_engine: bool | None = None,
+    moe: bool | None = None,
 ) -> ModuleSpec:
     """Return the decoder-layer spec for ``config`` on the best available backend.
 
     ``transformer_engine=False`` forces the torch-native modules (checkpoint conversion builds
     its parameter layout from them; their ``torch_dist`` keys equal Transformer Engine's).
+    ``moe``: a mixture-of-experts (True) or dense (False) layer; default: MoE if ``config`` has
+    experts. A MoE layer keeps its own ``pre_mlp_layernorm`` (Transformer Engine fuses it into
+    ``linear_fc1`` only for dense layers), so only the input norm's key is remapped.
     """
+    experts = config.num_moe_experts if (moe is None or moe) else None
     if use_transformer_engine() if transformer_engine is None else transformer_engine:
         return get_gpt_layer_with_transformer_engine_spec(
-            num_experts=config.num_moe_experts,
+            num_experts=experts,
             moe_grouped_gemm=config.moe_grouped_gemm,
             qk_layernorm=qk_layernorm,
         )
@@ -75,11 +85,6 @@ def build_layer_spec(
             k_layernorm=norm if qk_layernorm else IdentityOp,
         ),
     )
-    mlp = get_mlp_module_spec_for_backend(
-        backend=backend,
-        num_experts=config.num_moe_experts,
-        moe_grouped_gemm=config.moe_grouped_gemm,
-    )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -87,20 +92,38 @@ def build_layer_spec(
             self_attention=attention,
             self_attn_bda=get_bias_dropout_add,
             pre_mlp_layernorm=norm,
-            mlp=mlp,
+            mlp=torch_mlp_spec(config, experts),
             mlp_bda=get_bias_dropout_add,
-            sharded_state_dict_keys_map=dict(_TE_COMPATIBLE_KEYS),
+            sharded_state_dict_keys_map=te_compatible_keys(experts),
         ),
     )
 
 
+def torch_mlp_spec(config: TransformerConfig, experts: int | None) -> MlpBuilder:
+    """Torch-native dense MLP (``experts`` None) or MoE layer with sequential experts."""
+    return get_mlp_module_spec_for_backend(
+        backend=TorchSpecProvider(), num_experts=experts, moe_grouped_gemm=config.moe_grouped_gemm)
+
+
+def te_compatible_keys(experts: int | None) -> dict[str, str]:
+    """``sharded_state_dict_keys_map`` giving a torch-native layer Transformer Engine's keys."""
+    keys = dict(_TE_COMPATIBLE_KEYS)
+    if experts:
+        keys.pop("pre_mlp_layernorm.")
+    return keys
+
+
 def build_block_spec(
     config: TransformerConfig,
-    layer_spec: ModuleSpec,
+    layer_spec: ModuleSpec | list[ModuleSpec],
     vp_stage: int | None = None,
     transformer_engine: bool | None = None,
 ) -> TransformerBlockSubmodules:
-    """The decoder block of this pipeline (virtual) stage, with the backend's final norm."""
+    """The decoder block of this pipeline (virtual) stage, with the backend's final norm.
+
+    ``layer_spec``: one spec for every layer, or a list with one per layer of the whole model
+    (e.g. dense and mixture-of-experts layers), of which this stage's are taken.
+    """
     if use_transformer_engine() if transformer_engine is None else transformer_engine:
         from megatron.core.extensions.transformer_engine import TENorm
 
@@ -108,4 +131,8 @@ def build_block_spec(
     else:
         final_norm = PatchNorm
     layers = get_num_layers_to_build(config, vp_stage=vp_stage)
+    if isinstance(layer_spec, list):
+        first = get_transformer_layer_offset(config, vp_stage=vp_stage)
+        return TransformerBlockSubmodules(layer_specs=layer_spec[first:first + layers],
+                                          layer_norm=final_norm)
     return TransformerBlockSubmodules(layer_specs=[layer_spec] * layers, layer_norm=final_norm)

@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Pretrain (MODE=pretrain, default) or fine-tune (MODE=sft) a Qwen2 / Qwen2.5 model on Megatron-Core.
+# No arguments: the tiny demo model on the shipped corpus/chats, on this node's GPUs or the CPU.
+#
+#   MODEL_SIZE  tiny (demo); 0.5B 1.5B 3B 7B 14B 32B 72B (Qwen2.5)
+#
+# Positions (Pai-Megatron-Patch's run_mcore order) and named flags: see examples/run_mcore.sh.
+# DRY_RUN=1 prints the torchrun command instead of running it.
+set -euo pipefail
+exec bash "$(dirname "${BASH_SOURCE[0]}")/../run_mcore.sh" qwen2 "$@"

@@ -1,0 +1,112 @@
+"""Perplexity of a Megatron checkpoint on held-out documents: ``exp(mean next-token NLL)``.
+
+Documents come from a Megatron indexed dataset (``PREFIX.bin``/``.idx``) or from JSONL, parquet
+or text files tokenized exactly as ``megatron-patch preprocess`` does. Each document is cut into
+windows of ``seq_length + 1`` tokens that overlap by one, so every token after a document's
+first is predicted once, with the context of its window. The NLL is taken over the real
+vocabulary (the embedding's padding rows are excluded), as Hugging Face computes it, with
+Megatron's vocab-parallel cross entropy at any TP/PP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.pipeline_parallel import get_forward_backward_func
+
+from megatron_patch.data.bad_records import BadRecords, DataError
+
+
+def load_documents(path: str | Path, tokenizer, *, json_key: str = "text",
+                   append_eod: bool = False, on_error: str = "fail",
+                   report=None) -> list[list[int]]:
+    """Token ids of every document of an indexed dataset prefix or of raw input files."""
+    prefix = str(path)
+    if Path(prefix + ".bin").is_file() and Path(prefix + ".idx").is_file():
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        dataset = IndexedDataset(prefix)
+        return [dataset[i].tolist() for i in range(len(dataset))]
+    from megatron_patch.data.encoder import Encoder, RecordError
+    from megatron_patch.data.readers import input_files, read_records
+
+    encoder = Encoder(tokenizer, (json_key,), append_eod=append_eod)
+    bad = BadRecords("eval-ppl", on_error, **({"write": report} if report else {}))
+    documents = []
+    for location, kind, payload in read_records(input_files(path), [json_key]):
+        try:
+            encoded = encoder.encode(kind, payload)
+        except RecordError as error:
+            bad.add(location, str(error))
+            continue
+        if encoded is not None:
+            documents.append(encoded[json_key][0])
+    bad.finish()
+    return documents
+
+
+def windows(documents: Sequence[Sequence[int]], seq_length: int) -> list[list[int]]:
+    """Windows of at most ``seq_length + 1`` tokens (inputs + next tokens), one token overlap."""
+    cut = []
+    for document in documents:
+        for start in range(0, max(len(document) - 1, 0), seq_length):
+            cut.append(list(document[start:start + seq_length + 1]))
+    return cut
+
+
+def _masked_nll(labels: torch.Tensor, vocab_rows: int):
+    """GPTModel ``output_processor``: per-token NLL [seq, batch] over the real vocabulary."""
+    def processor(*, hidden_states, output_layer, output_weight, scale_logits, **_):
+        logits, _ = output_layer(hidden_states, weight=output_weight,
+                                 runtime_gather_output=False)
+        logits = scale_logits(logits).float()  # [seq, batch, vocab / tp]
+        shard = logits.shape[-1]
+        start = parallel_state.get_tensor_model_parallel_rank() * shard
+        padding = torch.arange(start, start + shard, device=logits.device) >= vocab_rows
+        logits = logits.masked_fill(padding, float("-inf"))
+        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous())
+    return processor
+
+
+def _identity(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+    return output
+
+
+def negative_log_likelihood(model: torch.nn.Module, token_windows: Sequence[Sequence[int]], *,
+                            vocab_rows: int, batch_size: int) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) over ``token_windows``, the same on every rank."""
+    device = next(model.parameters()).device
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+
+    def step(data_iterator, chunk):
+        tokens, labels = next(data_iterator)
+        positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
+        return (chunk(tokens, positions, None, output_processor=_masked_nll(labels, vocab_rows)),
+                _identity)
+
+    model.eval()
+    for start in range(0, len(token_windows), batch_size):
+        batch = token_windows[start:start + batch_size]
+        length = max(len(w) for w in batch) - 1
+        rows = [list(w) + [0] * (length + 1 - len(w)) for w in batch]
+        data = torch.tensor(rows, dtype=torch.long, device=device)
+        counted = torch.tensor([[i < len(w) - 1 for i in range(length)] for w in batch],
+                               device=device)
+        with torch.no_grad():
+            outputs = get_forward_backward_func()(
+                forward_step_func=step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
+                model=[model], num_microbatches=1, seq_length=length,
+                micro_batch_size=len(batch), forward_only=True, collect_non_loss_data=True)
+        if last:
+            nll = outputs[0].t()  # [batch, seq]
+            total += torch.stack([nll[counted].double().sum(), counted.sum().double()])
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    if total[1] == 0:
+        raise DataError("no tokens to evaluate: every document has fewer than two tokens")
+    return float(total[0]), int(total[1])

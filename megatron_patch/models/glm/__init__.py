@@ -1,0 +1,173 @@
+"""GLM-4 (``GlmForCausalLM``), GLM-4-0414 (``Glm4ForCausalLM``) and ChatGLM2/3 / glm-4-9b.
+
+GLM is llama-shaped with GQA, a bias on q/k/v only, a fused ``gate_up_proj`` (Megatron's own
+``[gate; up]`` layout) and rotary embeddings on the first half of each head with GLM's pairwise
+interleaving (Megatron's ``rotary_percent`` 0.5 and ``rotary_interleaved``). ``Glm4`` adds a
+norm on the attention and on the MLP output before each residual add (``post_sublayer_norms``).
+
+ChatGLM2/3 and THUDM's original glm-4-9b (``ChatGLMModel``, remote code, not in transformers)
+compute exactly what ``GlmForCausalLM`` computes; the ``chatglm`` family reads their own config
+and tensor names (``transformer.encoder.layers.N.self_attention.query_key_value``: ``[q; k; v]``
+stacked) into the same Megatron model. Their ``rope_ratio`` scales the rotary base.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.conversion.mapping import Direct, Rule, StackedQKV
+from megatron_patch.models.common.decoder_args import (
+    LAYER,
+    decoder_args,
+    direct_rules,
+    field,
+    refuse,
+    replace_rules,
+)
+from megatron_patch.models.common.hf_config import (
+    UnsupportedConfigError,
+    llama_style_to_megatron,
+    megatron_to_llama_style,
+    rope_parameters,
+)
+from megatron_patch.models.common.layers import PatchedFamily
+from megatron_patch.models.common.llama_style import llama_style_mapping
+from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+
+_FC1 = LAYER + "mlp.linear_fc1.weight"
+
+
+def glm_to_megatron(hf: HFConfig) -> MegatronArgs:
+    """Megatron arguments for a ``GlmForCausalLM`` / ``Glm4ForCausalLM`` ``config.json``."""
+    rope = rope_parameters(hf)
+    partial = float(rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 0.5)))
+    # GLM's attention_bias is a bias on q/k/v only (o_proj never has one).
+    args = llama_style_to_megatron({**hf, "attention_bias": False},
+                                   qkv_bias=bool(hf.get("attention_bias", True)))
+    glm4 = "Glm4ForCausalLM" in (hf.get("architectures") or [])
+    return {**args, "rotary_percent": partial, "rotary_interleaved": True,
+            "post_sublayer_norms": glm4}
+
+
+def _to_glm(args: Any, architecture: str, model_type: str) -> HFConfig:
+    # pad_token_id: the class default (151329) is a token of GLM's own vocabulary only.
+    config = megatron_to_llama_style(args, architecture, model_type,
+                                     attention_bias=args.add_qkv_bias, pad_token_id=None)
+    config.pop("partial_rotary_factor", None)
+    config["rope_parameters"] = {**config["rope_parameters"],
+                                 "partial_rotary_factor": args.rotary_percent}
+    return config
+
+
+def megatron_to_glm(args: Any) -> HFConfig:
+    """``GlmForCausalLM`` or ``Glm4ForCausalLM`` ``config.json`` fields for Megatron arguments."""
+    if getattr(args, "post_sublayer_norms", False):
+        return _to_glm(args, "Glm4ForCausalLM", "glm4")
+    return _to_glm(args, "GlmForCausalLM", "glm")
+
+
+def glm_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]:
+    """GLM HF <-> Megatron rules: llama's, with the fused ``gate_up_proj``."""
+    rules = replace_rules(llama_style_mapping(config, tie_embeddings),
+                          Direct(_FC1, "model.layers.*.mlp.gate_up_proj.weight"))
+    if config.post_sublayer_norms:
+        rules += direct_rules(LAYER, "model.layers.*.", {
+            "self_attention.post_layernorm": "post_self_attn_layernorm",
+            "mlp.post_layernorm": "post_mlp_layernorm"})
+    return rules
+
+
+def chatglm_to_megatron(hf: HFConfig) -> MegatronArgs:
+    """Megatron arguments for a ChatGLM2/3 (``ChatGLMModel``) ``config.json``."""
+    for name, value, default, why in [
+            ("apply_residual_connection_post_layernorm", True, False, "residual after the norm"),
+            ("post_layer_norm", False, True, "the model has no final norm"),
+            ("rmsnorm", False, True, "ChatGLM-6B (v1) LayerNorm models"),
+            ("add_bias_linear", True, False, "biases beyond q/k/v")]:
+        refuse(hf, name, value, default, why)
+    if hf.get("pre_seq_len") is not None:
+        raise UnsupportedConfigError("config.json: pre_seq_len is set (a P-tuning prefix "
+                                     "encoder); convert the base model")
+    heads = field(hf, "num_attention_heads")
+    groups = field(hf, "multi_query_group_num") if hf.get("multi_query_attention") else heads
+    if hf.get("multi_query_attention") and groups == heads:
+        raise UnsupportedConfigError("config.json: multi_query_attention with "
+                                     "multi_query_group_num == num_attention_heads")
+    hidden = field(hf, "hidden_size")
+    head_dim = field(hf, "kv_channels", default=hidden // heads)
+    base = 10000 * float(hf.get("rope_ratio", 1))
+    return decoder_args(
+        layers=field(hf, "num_layers"), hidden=hidden, ffn=field(hf, "ffn_hidden_size"),
+        heads=heads, kv_heads=groups, head_dim=head_dim, vocab=field(hf, "padded_vocab_size"),
+        max_positions=field(hf, "seq_length", default=8192), norm="RMSNorm",
+        eps=field(hf, "layernorm_epsilon", default=1e-5), tied=False, bias=False,
+        qkv_bias=hf.get("add_qkv_bias", True),
+        attention_dropout=field(hf, "attention_dropout", default=0.0),
+        hidden_dropout=field(hf, "hidden_dropout", default=0.0),
+        swiglu=True, position_embedding_type="rope",
+        rotary_base=int(base) if base.is_integer() else base, rotary_percent=0.5,
+        rotary_interleaved=True,
+    )
+
+
+def megatron_to_chatglm(args: Any) -> HFConfig:
+    """ChatGLM2/3 ``config.json`` fields for Megatron arguments."""
+    heads = args.num_attention_heads
+    return {
+        "architectures": ["ChatGLMModel"], "model_type": "chatglm",
+        "num_layers": args.num_layers, "hidden_size": args.hidden_size,
+        "ffn_hidden_size": args.ffn_hidden_size, "kv_channels": args.kv_channels,
+        "num_attention_heads": heads, "padded_vocab_size": args.vocab_size,
+        "seq_length": args.max_position_embeddings, "layernorm_epsilon": args.layernorm_epsilon,
+        "multi_query_attention": args.group_query_attention,
+        "multi_query_group_num": args.num_query_groups if args.group_query_attention else heads,
+        "rope_ratio": args.rotary_base / 10000, "add_qkv_bias": args.add_qkv_bias,
+        "add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
+        "apply_residual_connection_post_layernorm": False,
+        "attention_dropout": args.attention_dropout, "hidden_dropout": args.hidden_dropout,
+        "tie_word_embeddings": False,
+    }
+
+
+def chatglm_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]:
+    """ChatGLM2/3 HF <-> Megatron rules."""
+    hf = "transformer.encoder.layers.*."
+    qkv = "self_attention.query_key_value."
+    stacked = config.num_query_groups != config.num_attention_heads
+    suffixes = ("weight", "bias") if config.add_qkv_bias else ("weight",)
+    return [
+        Direct("embedding.word_embeddings.weight", "transformer.embedding.word_embeddings.weight"),
+        Direct("decoder.final_layernorm.weight", "transformer.encoder.final_layernorm.weight"),
+        Direct("output_layer.weight", "transformer.output_layer.weight"),
+        *[(StackedQKV if stacked else Direct)(f"{LAYER}self_attention.linear_qkv.{suffix}",
+                                              f"{hf}{qkv}{suffix}") for suffix in suffixes],
+        *direct_rules(LAYER, hf, {
+            "input_layernorm": "input_layernorm",
+            "self_attention.linear_proj": "self_attention.dense",
+            "pre_mlp_layernorm": "post_attention_layernorm",
+            "mlp.linear_fc1": "mlp.dense_h_to_4h",
+            "mlp.linear_fc2": "mlp.dense_4h_to_h"}),
+    ]
+
+
+GLM = register_family(
+    PatchedFamily(
+        name="glm",
+        hf_architectures=("GlmForCausalLM", "Glm4ForCausalLM"),
+        hf_to_megatron=glm_to_megatron,
+        megatron_to_hf=megatron_to_glm,
+        weight_mappings=glm_mapping,
+    )
+)
+
+CHATGLM = register_family(
+    PatchedFamily(
+        name="chatglm",
+        hf_architectures=("ChatGLMModel", "ChatGLMForConditionalGeneration"),
+        hf_to_megatron=chatglm_to_megatron,
+        megatron_to_hf=megatron_to_chatglm,
+        weight_mappings=chatglm_mapping,
+    )
+)

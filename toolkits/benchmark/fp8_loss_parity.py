@@ -1,0 +1,102 @@
+"""FP8 against bf16 training on the shipped corpus: the same model, data order and seed.
+
+Tokenizes ``megatron_patch/assets/tiny_corpus.jsonl`` with the shipped tokenizer, trains a
+Llama-shaped model from the same initialisation twice through the ``pretrain`` entry point
+(``--bf16``, then ``--bf16 --fp8-format hybrid``: Transformer Engine when installed, torchao
+float8 otherwise) and prints both loss curves, the relative gap of the mean loss over the last
+``--window`` iterations, and each run's mean iteration time. Exits non-zero when the gap exceeds
+``--tolerance`` (default 1%). GPU only. Run: ``python -m toolkits.benchmark.fp8_loss_parity
+[--shape 3b] [--iters 300] [--seq 2048] [--mbs 2] [--output DIR]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from toolkits.benchmark.bench_training_step import SHAPES
+
+ASSETS = Path(__file__).resolve().parents[2] / "megatron_patch" / "assets"
+LOG_LINE = re.compile(
+    r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+).*?"
+    r"lm loss: ([0-9.E+-]+) \|")
+
+
+def _preprocess(out: Path) -> str:
+    prefix = out / "tiny_corpus"
+    subprocess.run([sys.executable, "-m", "megatron_patch.cli", "preprocess", "--input",
+                    str(ASSETS / "tiny_corpus.jsonl"), "--output-prefix", str(prefix),
+                    "--tokenizer-type", "TinyTokenizer", "--append-eod", "--workers", "4"],
+                   check=True)
+    return f"{prefix}_text_document"
+
+
+def _train(opts: argparse.Namespace, data: str, fp8: bool) -> dict[int, tuple[float, float]]:
+    layers, hidden, ffn, heads, kv_heads, _ = SHAPES[opts.shape]
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        "-m", "megatron_patch.training.pretrain",
+        "--num-layers", str(layers), "--hidden-size", str(hidden), "--ffn-hidden-size", str(ffn),
+        "--num-attention-heads", str(heads), "--group-query-attention", "--num-query-groups",
+        str(kv_heads), "--seq-length", str(opts.seq), "--max-position-embeddings", str(opts.seq),
+        "--normalization", "RMSNorm", "--norm-epsilon", "1e-5", "--swiglu",
+        "--position-embedding-type", "rope", "--disable-bias-linear",
+        "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
+        "--hidden-dropout", "0", "--patch-tokenizer-type", "TinyTokenizer",
+        "--data-path", data, "--split", "100,0,0", "--micro-batch-size", str(opts.mbs),
+        "--global-batch-size", str(opts.mbs), "--lr", "3e-4", "--min-lr", "3e-5",
+        "--lr-decay-style", "cosine", "--lr-warmup-iters", "30", "--train-iters",
+        str(opts.iters), "--log-interval", "1", "--eval-iters", "0", "--seed", "1234",
+        "--use-distributed-optimizer", "--bf16", *(["--fp8-format", "hybrid"] if fp8 else []),
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True,
+                          env={**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
+    found = {int(i): (float(loss), float(ms)) for i, ms, loss in LOG_LINE.findall(proc.stdout)}
+    if proc.returncode or not found:
+        sys.exit(f"{'fp8' if fp8 else 'bf16'} run failed ({proc.returncode}):\n"
+                 f"{(proc.stdout + proc.stderr)[-4000:]}")
+    return found
+
+
+def main() -> int:
+    """Train bf16 and fp8, print the curves and the gap; 1 when over tolerance."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="3b")
+    parser.add_argument("--iters", type=int, default=300)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--mbs", type=int, default=2)
+    parser.add_argument("--window", type=int, default=20)
+    parser.add_argument("--tolerance", type=float, default=0.01)
+    parser.add_argument("--output", default=None, help="work directory (default: a temp dir)")
+    opts = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(opts.output or tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        data = _preprocess(out)
+        bf16, fp8 = _train(opts, data, fp8=False), _train(opts, data, fp8=True)
+    print(f"{'iteration':>9}{'bf16 loss':>11}{'fp8 loss':>10}")
+    for step in sorted(bf16):
+        if step % max(1, opts.iters // 15) == 0 or step == max(bf16):
+            print(f"{step:>9}{bf16[step][0]:>11.4f}{fp8.get(step, (float('nan'),))[0]:>10.4f}")
+    last = sorted(bf16)[-opts.window:]
+    mean_bf16 = statistics.mean(bf16[s][0] for s in last)
+    mean_fp8 = statistics.mean(fp8[s][0] for s in last)
+    gap = abs(mean_fp8 - mean_bf16) / mean_bf16
+    timed = sorted(bf16)[len(bf16) // 3:]  # past compilation and warm-up
+    ms_bf16 = statistics.median(bf16[s][1] for s in timed)
+    ms_fp8 = statistics.median(fp8[s][1] for s in timed)
+    print(f"mean loss over the last {len(last)} iterations: bf16 {mean_bf16:.4f}, fp8 "
+          f"{mean_fp8:.4f}, gap {gap:.2%} (tolerance {opts.tolerance:.0%})")
+    print(f"median iteration: bf16 {ms_bf16:.1f} ms, fp8 {ms_fp8:.1f} ms "
+          f"({ms_bf16 / ms_fp8:.2f}x)")
+    return int(gap > opts.tolerance)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
