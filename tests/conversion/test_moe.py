@@ -103,6 +103,27 @@ def test_expert_layouts_megatron_cannot_run_are_refused(hf_models, tmp_path, kwa
         convert_hf_to_mcore(hf_models["qwen3"], tmp_path / "dense", ep=2, progress=False)
 
 
+@pytest.mark.parametrize("case, fields, named", [
+    ("deepseek_v3", {"topk_group": 1}, "group-limited routing with n_group=4, topk_group=1"),
+    ("deepseek_v3", {"norm_topk_prob": False}, "norm_topk_prob=False"),
+    ("deepseek_v3", {"rope_interleave": False}, "rope_interleave"),
+    ("deepseek_v3", {"rms_norm_eps": 1e-5}, "rms_norm_eps"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 4.0, "beta_fast": 16}},
+     "beta_fast"),
+    ("deepseek_v2_lite", {"topk_method": "group_limited_greedy", "n_group": 2, "topk_group": 1},
+     "HF by its top 1"),
+    ("mixtral", {"num_experts_per_tok": 1}, "num_experts_per_tok=1"),
+    ("qwen2_moe", {"mlp_only_layers": [0, 1, 2, 3]}, "no layer has routed experts"),
+])
+def test_router_settings_megatron_cannot_reproduce_name_the_field(hf_models, case, fields, named):
+    from megatron_patch.models.common.hf_config import UnsupportedConfigError, load_hf_config
+    from megatron_patch.models.registry import family_for_hf_config
+
+    hf = {**load_hf_config(hf_models[case]), **fields}
+    with pytest.raises(UnsupportedConfigError, match=re.escape(named)):
+        family_for_hf_config(hf).hf_to_megatron(hf)
+
+
 def test_world_size_tiles_dense_and_expert_layouts():
     assert world_size(tp=2, pp=1, ep=2) == 4  # ETP defaults to TP
     assert world_size(tp=2, pp=1, ep=2, etp=1) == 2
