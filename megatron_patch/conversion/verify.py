@@ -18,7 +18,6 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.checkpointing import load_checkpoint
 from megatron.training.training import get_model
@@ -26,7 +25,7 @@ from megatron.training.training import get_model
 from megatron_patch.conversion.layout import parse_megatron_args
 from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.training.initialize import initialize
+from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
 
 
@@ -156,5 +155,4 @@ def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
         expected = reference_logits(hf_dir, tokens, reference)
         return max_abs_diff(megatron_logits(args, tokens), expected)
     finally:
-        parallel_state.destroy_model_parallel()
-        destroy_num_microbatches_calculator()
+        teardown_parallel_state()

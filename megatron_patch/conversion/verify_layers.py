@@ -19,9 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
-from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 from megatron.core.utils import get_model_config
 from megatron.training.checkpointing import load_checkpoint
 from megatron.training.training import get_model
@@ -30,7 +29,7 @@ from megatron_patch.conversion.layout import parse_megatron_args
 from megatron_patch.conversion.verify import forward_logits, random_tokens
 from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.training.initialize import initialize
+from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
 
 POINTS = ("input", "attention", "mlp")
@@ -248,8 +247,7 @@ def compare_layers(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
             raise RuntimeError(f"no Megatron activation recorded for {missing}")
         return [found[o] for o in order]
     finally:
-        parallel_state.destroy_model_parallel()
-        destroy_num_microbatches_calculator()
+        teardown_parallel_state()
 
 
 def first_over(errors: Sequence[PointError], tolerance: float) -> PointError | None:

@@ -20,11 +20,10 @@ from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
 from megatron_patch.conversion.verify_layers import verification_args
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.training.initialize import initialize
+from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.loop import (
     _configure_model_hooks,
     gpt_forward_step,
@@ -223,5 +222,4 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
         hf_loss, hf_norm = reference.tolist()
         return TrainingCurves(mine[0], hf_loss, mine[1], hf_norm)
     finally:
-        parallel_state.destroy_model_parallel()
-        destroy_num_microbatches_calculator()
+        teardown_parallel_state()

@@ -10,7 +10,10 @@ from datetime import timedelta
 import numpy as np
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.num_microbatches_calculator import init_num_microbatches_calculator
+from megatron.core.num_microbatches_calculator import (
+    destroy_num_microbatches_calculator,
+    init_num_microbatches_calculator,
+)
 from megatron.training.global_vars import set_args
 
 from megatron_patch.runtime.backends import available_backends
@@ -71,3 +74,22 @@ def initialize(args: argparse.Namespace) -> None:
         args.data_parallel_size,
         args.decrease_batch_size_if_needed,
     )
+
+
+def teardown_parallel_state() -> None:
+    """Undo ``initialize``'s parallel state, freeing its process groups (not the world group).
+
+    Megatron's ``destroy_model_parallel`` only forgets its groups; their gloo/NCCL communicators
+    (and gloo's threads) stay alive. Processes that set up several layouts in turn (verify,
+    tests) would otherwise accumulate thousands of threads.
+    """
+    from torch.distributed import distributed_c10d
+
+    world = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
+    subgroups = [] if world is None else [
+        group for group in list(distributed_c10d._world.pg_map) if group is not world]
+    parallel_state.destroy_model_parallel()
+    destroy_num_microbatches_calculator()
+    for group in subgroups:
+        if group in distributed_c10d._world.pg_map:  # destroying one may free its aliases
+            torch.distributed.destroy_process_group(group)

@@ -6,13 +6,11 @@ import argparse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from megatron.core import parallel_state
-
 from megatron_patch.arguments import parse_training_args
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.models.vocab import resolve_padded_vocab
 from megatron_patch.training.checkpoint import check_checkpoint_before_load
-from megatron_patch.training.initialize import initialize
+from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.loop import (
     ForwardStep,
     gpt_forward_step,
@@ -106,7 +104,7 @@ def run_training(args: argparse.Namespace, build_datasets: DatasetsBuilder,
         valid_iterators = [data_iterator(valid_ds, args, args.consumed_valid_samples)
                            for _ in range(args.virtual_pipeline_model_parallel_size or 1)]
     losses = train(state, chunk_iterators(train_ds, args), valid_iterators, forward_step, args)
-    parallel_state.destroy_model_parallel()
+    teardown_parallel_state()
     return losses
 
 

@@ -9,6 +9,7 @@ Megatron flags) or nothing (the model built by ``build_model_from_hf_config``).
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from megatron_patch.conversion.verify import (
     reference_logits,
 )
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.training.initialize import teardown_parallel_state
 
 BATCH, SEQ = 2, 32
 
@@ -34,12 +36,13 @@ def _from_hf_weights(hf: str, tp: int, pp: int, ep: int = 1, etp: int | None = N
         tokens = random_tokens(load_hf_config(hf)["vocab_size"], BATCH, SEQ)
         return max_abs_diff(forward_logits([model], tokens), reference_logits(hf, tokens))
     finally:
-        parallel_state.destroy_model_parallel()
+        teardown_parallel_state()
 
 
 def main(cases_file: str, out_file: str) -> None:
     results = {}
     for case in json.loads(Path(cases_file).read_text()):
+        start = time.perf_counter()
         experts = {"ep": case.get("ep", 1), "etp": case.get("etp")}
         if "mcore" in case:
             diff = compare_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
@@ -48,6 +51,8 @@ def main(cases_file: str, out_file: str) -> None:
         else:
             diff = _from_hf_weights(case["hf"], case["tp"], case["pp"], **experts)
         results[case["id"]] = diff
+        if torch.distributed.get_rank() == 0:
+            print(f"PARITY {case['id']} {time.perf_counter() - start:.1f}s", flush=True)
     if torch.distributed.get_rank() == 0:
         Path(out_file).write_text(json.dumps(results, indent=2))
 

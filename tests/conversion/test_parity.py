@@ -52,10 +52,11 @@ def parity(hf_models, converted, tmp_path_factory) -> dict[str, float]:
     tmp = tmp_path_factory.mktemp("parity")
     cases = _cases(hf_models, converted, tmp)
     (tmp / "cases.json").write_text(json.dumps(cases))
-    run_module("tests.conversion.parity_worker", [str(tmp / "cases.json"),
+    result = run_module("tests.conversion.parity_worker", [str(tmp / "cases.json"),
                                                   str(tmp / "results.json")], nproc=4,
                timeout=1800)
     results = json.loads((tmp / "results.json").read_text())
+    print("\n".join(line for line in result.stdout.splitlines() if line.startswith("PARITY")))
     print("\nmax abs logits diff per case:\n" + "\n".join(
         f"  {case:32s} {diff:.3e}" for case, diff in results.items()))
     assert sorted(results) == sorted(c["id"] for c in cases)

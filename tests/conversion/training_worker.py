@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
 from megatron_patch.training import pretrain
 from tests.launch import losses
@@ -26,7 +25,6 @@ def main(runs_file: str, out_file: str) -> None:
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
             pretrain.main(run["argv"])
-        destroy_num_microbatches_calculator()
         found = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(found, losses(log.getvalue()))
         results[run["id"]] = next((f for f in found if f), {})

@@ -14,8 +14,6 @@ import sys
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state
-from megatron.core.num_microbatches_calculator import destroy_num_microbatches_calculator
 
 from megatron_patch.generation.engine import Generator, generate
 from megatron_patch.generation.model import (
@@ -26,6 +24,7 @@ from megatron_patch.generation.model import (
 from megatron_patch.generation.perplexity import negative_log_likelihood
 from megatron_patch.generation.sampling import SamplingParams
 from megatron_patch.generation.stopping import StopChecker
+from megatron_patch.training.initialize import teardown_parallel_state
 
 SAMPLING = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "repetition_penalty": 1.3}
 
@@ -64,8 +63,7 @@ def _run(spec: dict, run: dict) -> dict:
             results["sampled_seed8"] = _tokens(complete(SamplingParams(seed=8, **SAMPLING)))
         return results
     finally:
-        parallel_state.destroy_model_parallel()
-        destroy_num_microbatches_calculator()
+        teardown_parallel_state()
 
 
 def main(spec_file: str, out_file: str) -> None:
