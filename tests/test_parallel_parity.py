@@ -1,4 +1,4 @@
-"""TP/PP/SP/VPP/DP runs on CPU (gloo) reproduce the single-process losses for one seed."""
+"""TP/PP/SP/VPP/DP/CP runs on CPU (gloo) reproduce the single-process losses for one seed."""
 
 import pytest
 
@@ -23,8 +23,9 @@ def reference() -> dict[int, float]:
         ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
         [],  # data parallel 2
         ["--use-distributed-optimizer"],
+        ["--context-parallel-size", "2"],
     ],
-    ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2", "dp2-distopt"],
+    ids=["tp2", "tp2-sp", "pp2", "pp2-vpp2", "dp2", "dp2-distopt", "cp2"],
 )
 def test_layout_matches_single_process(reference, layout):
     got = pretrain(TINY_MODEL + MOCK_DATA + TRAIN + layout, nproc=2)

@@ -20,7 +20,7 @@ import sys
 from collections.abc import Sequence
 
 from megatron_patch.data.bad_records import ON_ERROR, DataError
-from megatron_patch.generation.model import add_model_options, is_rank0, run_distributed
+from megatron_patch.generation.model import add_model_options, is_rank0, run_cli
 
 MODULE = "megatron_patch.generation.cli_generate"
 
@@ -132,22 +132,7 @@ def run(options: argparse.Namespace, extra: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``megatron-patch generate ...``; returns the exit status."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    options, extra = _parser().parse_known_args(argv)
-    status = run_distributed(MODULE, argv, options.tp * options.pp)
-    if status is not None:
-        return status
-    import torch
-
-    try:
-        return run(options, extra)
-    except (DataError, ValueError, OSError) as error:
-        if is_rank0():
-            print(f"megatron-patch generate: error: {error}", file=sys.stderr, flush=True)
-        return 1
-    finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    return run_cli("megatron-patch generate", MODULE, _parser(), run, argv)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import os
 import socket
 import subprocess
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.data.bad_records import DataError
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -51,6 +52,28 @@ def run_distributed(module: str, argv: list[str], nproc: int) -> int | None:
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.run(command, env=env).returncode
+
+
+def run_cli(prog: str, module: str, parser: argparse.ArgumentParser,
+            run: Callable[[argparse.Namespace, Sequence[str]], int],
+            argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, relaunch under torchrun for ``--tp * --pp`` ranks when needed, then call
+    ``run(options, megatron_flags)`` on every rank; our errors become exit status 1.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    options, extra = parser.parse_known_args(argv)
+    status = run_distributed(module, argv, options.tp * options.pp)
+    if status is not None:
+        return status
+    try:
+        return run(options, extra)
+    except (DataError, ValueError, OSError) as error:
+        if is_rank0():
+            print(f"{prog}: error: {error}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 def is_rank0() -> bool:

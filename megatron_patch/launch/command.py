@@ -85,10 +85,9 @@ def validate(settings: RunSettings, model: dict, world: int, backends: Backends)
         (not s.sp or s.seq_len % s.tp == 0,
          f"SP=true splits the sequence over TP: SEQ_LEN={s.seq_len} must be a multiple of "
          f"TP={s.tp}"),
-        (s.cp == 1,
-         f"CP={s.cp} is not supported yet: the training loop gives every context-parallel rank "
-         "the whole sequence and the torch attention path has no CP; use CP=1 (long sequences: "
-         "TP with SP=true, or AC=full)"),
+        (s.seq_len % (2 * s.cp) == 0,
+         f"CP={s.cp} splits each sequence into 2*CP chunks: SEQ_LEN={s.seq_len} must be a "
+         f"multiple of {2 * s.cp}"),
         (s.pr != "fp8" or backends.transformer_engine
          or importlib.util.find_spec("torchao") is not None,
          "PR=fp8 needs Transformer Engine or torchao (pip install 'megatron-patch[fp8]')"),

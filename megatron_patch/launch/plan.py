@@ -8,8 +8,8 @@ layers), VPP, EP (MoE), micro-batch size and recompute (none, selective, full) i
 relative throughput is proposed. Throughput is a documented heuristic, not a measurement:
 pipeline bubble ``(PP-1)/(VPP*M+PP-1)``, full recompute costs an extra forward pass (x0.75),
 selective x0.97, each doubling of TP x0.96, of EP x0.97, and micro-batches under 8192 tokens
-lose up to 15%. The memory model covers context parallelism, but the launcher does not run CP
-yet, so ``plan`` proposes CP=1.
+lose up to 15%. The memory model covers context parallelism, but ``plan`` does not search CP
+(it proposes CP=1; without Transformer Engine CP gathers whole-sequence keys/values).
 """
 
 from __future__ import annotations

@@ -27,6 +27,9 @@ def _parallel_problems(args: argparse.Namespace) -> list[str]:
         problems.append(f"{args.world_size} processes are not divisible by --tensor-model-"
                         f"parallel-size {tp} x --pipeline-model-parallel-size {pp} x "
                         f"--context-parallel-size {cp} = {model_parallel}")
+    if cp > 1 and args.seq_length % (2 * cp):
+        problems.append(f"--context-parallel-size {cp} splits each sequence into {2 * cp} "
+                        f"chunks: --seq-length {args.seq_length} must be a multiple of {2 * cp}")
     heads = args.num_attention_heads
     groups = args.num_query_groups if args.group_query_attention else heads
     for flag, value in (("--num-attention-heads", heads), ("--num-query-groups", groups),

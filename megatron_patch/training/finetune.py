@@ -22,7 +22,7 @@ from functools import partial
 import torch
 
 from megatron_patch.arguments import parse_training_args
-from megatron_patch.training.loop import lm_loss, next_batch
+from megatron_patch.training.loop import lm_loss, next_batch, on_this_cp_rank
 from megatron_patch.training.pretrain import run_training
 from megatron_patch.training.sft_data import build_sft_datasets, loss_weights, packed_batch
 
@@ -33,9 +33,14 @@ def sft_forward_step(data_iterator: Iterator | None, model: torch.nn.Module, *,
                      seq_length: int, per_sequence: bool):
     """Megatron forward step for SFT rows (padded, or packed into THD sequences)."""
     batch, packed_seq_params = packed_batch(next_batch(data_iterator), seq_length)
+    weights = loss_weights(batch, per_sequence)  # from whole sequences, then split over CP
+    if packed_seq_params is None:
+        batch = on_this_cp_rank({key: batch[key] for key in ("tokens", "position_ids", "labels")}
+                                | {"loss_weights": weights})
+        weights = batch["loss_weights"]
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"],
                    packed_seq_params=packed_seq_params)
-    return output, partial(lm_loss, loss_weights(batch, per_sequence))
+    return output, partial(lm_loss, weights)
 
 
 def forward_step_for(args: argparse.Namespace):

@@ -22,7 +22,7 @@ from megatron.core.enums import ModelType
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.core.utils import get_model_config
+from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
 from megatron.training.checkpointing import checkpoint_exists, load_checkpoint
 from megatron.training.global_vars import get_args
 from megatron.training.training import (
@@ -68,8 +68,14 @@ class TrainState:
     extras: dict = field(default_factory=dict)
 
 
-def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
-    """Build the (DDP-wrapped) model chunks, optimizer and LR schedule, then load ``--load``."""
+def setup_model_and_optimizer(
+        args: argparse.Namespace,
+        extend_model: Callable[[torch.nn.Module], None] | None = None) -> TrainState:
+    """Build the (DDP-wrapped) model chunks, optimizer and LR schedule, then load ``--load``.
+
+    ``extend_model(chunk)`` may add modules to each chunk before it is wrapped (e.g. a value
+    head); they are trained and checkpointed with the rest.
+    """
     fast_paths = apply_gpu_fast_paths()
     config = transformer_config_from_args(args)
 
@@ -82,6 +88,8 @@ def setup_model_and_optimizer(args: argparse.Namespace) -> TrainState:
             print_rank_0(f"> float8 training (torchao {args.torchao_float8}): {count} linears")
         if args.torch_compile_layers:
             compile_transformer_layers(model)
+        if extend_model is not None:
+            extend_model(model)
         return model
 
     model = get_model(provider, ModelType.encoder_or_decoder)
@@ -120,9 +128,23 @@ def next_batch(data_iterator: Iterator) -> dict[str, torch.Tensor]:
             if isinstance(value, torch.Tensor)}
 
 
+def on_this_cp_rank(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """This context-parallel rank's share of every ``[b, s]`` tensor: Megatron's zigzag split
+    into ``2 * CP`` chunks (``get_batch_on_this_cp_rank``); the batch itself without CP."""
+    cp_size = parallel_state.get_context_parallel_world_size()
+    if cp_size == 1:
+        return batch
+    length = batch["tokens"].shape[1]
+    if length % (2 * cp_size):
+        raise ValueError(f"context parallelism: sequence length {length} must be divisible by "
+                         f"2 * --context-parallel-size = {2 * cp_size}")
+    return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False,
+                                     cp_group=parallel_state.get_context_parallel_group())
+
+
 def gpt_forward_step(data_iterator: Iterator | None, model: torch.nn.Module):
     """Megatron forward step for causal LM batches from GPTDataset-style dicts."""
-    batch = next_batch(data_iterator)
+    batch = on_this_cp_rank(next_batch(data_iterator))
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
     return output, partial(lm_loss, batch["loss_mask"])
 
@@ -215,8 +237,13 @@ def _configure_model_hooks(state: TrainState) -> None:
 
 
 def train(state: TrainState, train_iterators: list, valid_iterators: list | None,
-          forward_step: ForwardStep, args: argparse.Namespace) -> dict[str, float]:
-    """Run from ``state.iteration`` to ``--train-iters``; returns the last logged losses."""
+          forward_step: ForwardStep, args: argparse.Namespace,
+          before_step: Callable[[TrainState], None] | None = None) -> dict[str, float]:
+    """Run from ``state.iteration`` to ``--train-iters``; returns the last logged losses.
+
+    ``before_step(state)`` runs at the start of every iteration (e.g. RLHF rollouts filling
+    the micro-batches the train iterators yield); its time counts in the iteration's.
+    """
     _configure_model_hooks(state)
     for chunk in state.model:
         chunk.train()
@@ -226,6 +253,8 @@ def train(state: TrainState, train_iterators: list, valid_iterators: list | None
     saved_at = state.iteration
     while state.iteration < args.train_iters:
         start = time.time()
+        if before_step is not None:
+            before_step(state)
         losses, ok, grad_norm = train_step(state, train_iterators, forward_step, args)
         state.iteration += 1
         router_losses = moe_router_losses(args, state.iteration)  # a collective: every rank

@@ -23,7 +23,7 @@ def test_alibi_matches_bloom(heads):
     slope * (j - i) differs from it by a constant per query row."""
     length = 9
     theirs = build_alibi_tensor(torch.ones(1, length), heads, torch.float32).view(heads, length)
-    ours = alibi_bias(alibi_slopes(heads), length, length)
+    ours = alibi_bias(alibi_slopes(heads), torch.arange(length), torch.arange(length))
     assert torch.allclose(ours[:, 0, :], theirs, rtol=1e-6, atol=0)  # row i = 0: slope * j
     causal = torch.ones(length, length, dtype=torch.bool).tril()
     mine = torch.softmax(ours.masked_fill(~causal, float("-inf")), dim=-1)
@@ -34,7 +34,7 @@ def test_alibi_matches_bloom(heads):
 
 def test_alibi_bias_for_queries_after_a_cache():
     """With 3 queries after 5 cached keys the queries sit at positions 5..7."""
-    bias = alibi_bias(torch.tensor([0.5]), 3, 8)
+    bias = alibi_bias(torch.tensor([0.5]), torch.arange(5, 8), torch.arange(8))
     assert bias.shape == (1, 3, 8)
     assert bias[0, 0, 5] == 0 and bias[0, 2, 0] == -3.5 and bias[0, 0, 7] == 1.0
 

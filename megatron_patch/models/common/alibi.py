@@ -32,19 +32,20 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
     return torch.tensor(slopes, dtype=torch.float32)
 
 
-def alibi_bias(slopes: torch.Tensor, sq: int, sk: int) -> torch.Tensor:
-    """``[heads, sq, sk]`` fp32 bias ``slope * (j - i)``; the ``sq`` queries are the last keys.
+def alibi_bias(slopes: torch.Tensor, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """``[heads, sq, sk]`` fp32 bias ``slope * (j - i)`` for query positions ``i`` and key
+    positions ``j`` (1-D tensors).
 
     Not causally masked: the caller combines it with its mask.
     """
-    queries = torch.arange(sk - sq, sk, device=slopes.device)
-    keys = torch.arange(sk, device=slopes.device)
     distance = (keys[None, :] - queries[:, None]).to(torch.float32)
     return slopes.to(torch.float32)[:, None, None] * distance
 
 
 class ALiBiAttention(SDPAttention):
     """:class:`SDPAttention` with the ALiBi bias of this tensor-parallel rank's heads."""
+
+    uses_position_bias = True
 
     def __init__(
         self,
@@ -64,6 +65,6 @@ class ALiBiAttention(SDPAttention):
         first = pg_collection.tp.rank() * self.num_heads
         self.slopes = alibi_slopes(config.num_attention_heads)[first:first + self.num_heads]
 
-    def position_bias(self, sq: int, sk: int, device: torch.device) -> torch.Tensor:
-        """``[1, local heads, sq, sk]`` ALiBi bias."""
-        return alibi_bias(self.slopes.to(device), sq, sk)[None]
+    def position_bias(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """``[1, local heads, sq, sk]`` ALiBi bias for these query and key positions."""
+        return alibi_bias(self.slopes.to(queries.device), queries, keys)[None]

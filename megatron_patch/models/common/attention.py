@@ -9,6 +9,9 @@ meaning: query ``i`` attends keys ``i - left .. i``. It is applied as a boolean 
 
 Packed sequences (``PackedSeqParams``, THD) attend row by row under a block-diagonal causal mask
 built from ``cu_seqlens`` (``models/common/packed_seq.py``).
+
+Context parallelism gathers the sequence's keys and values over the CP group
+(``models/common/context_parallel.py``) and masks by the queries' global positions.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
 
+from megatron_patch.models.common.context_parallel import gather_sequence, local_positions
 from megatron_patch.models.common.packed_seq import pack_thd, unpack_thd
 
 
@@ -44,14 +48,11 @@ class SDPAttention(MegatronModule):
         pg_collection: ProcessGroupCollection | None = None,
     ):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError(
-                "context parallelism needs Transformer Engine attention; install "
-                "transformer-engine or set --context-parallel-size 1"
-            )
         self.window_left = _window_left(config)
         if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
+            required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
+        self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
         tp_size = pg_collection.tp.size()
         self.attn_mask_type = attn_mask_type
         self.num_heads = divide(config.num_attention_heads, tp_size)
@@ -78,21 +79,25 @@ class SDPAttention(MegatronModule):
             query, key, value, attention_mask = unpack_thd(query, key, value, attention_mask,
                                                            packed_seq_params)
         mask_type = attn_mask_type or self.attn_mask_type
+        if self.cp_group is not None:
+            key, value = self._gather_context(key, value, attention_mask, packed_seq_params)
+        q_pos, k_pos = self._positions(query.shape[0], key.shape[0], query.device,
+                                       always=attention_bias is not None)
         causal = mask_type == AttnMaskType.causal and attention_mask is None
         mask = None
         if attention_mask is not None:
             mask = ~attention_mask  # Megatron masks are True where attention is forbidden
-        if self.window_left is not None:
-            window = _window_mask(query.shape[0], key.shape[0], self.window_left, query.device)
+        if self.window_left is not None or self.cp_group is not None:
+            left = key.shape[0] if self.window_left is None else self.window_left
+            window = _window_mask(q_pos, k_pos, left)
             mask = window if mask is None else mask & window
             causal = False
-        bias = self.position_bias(query.shape[0], key.shape[0], query.device)
+        bias = self.position_bias(q_pos, k_pos) if self.uses_position_bias else None
         if attention_bias is not None:
             bias = attention_bias if bias is None else bias + attention_bias
         if bias is not None:
             if causal:  # SDPA takes a float bias or is_causal, not both
-                mask, causal = _window_mask(query.shape[0], key.shape[0], key.shape[0],
-                                            query.device), False
+                mask, causal = _window_mask(q_pos, k_pos, key.shape[0]), False
             bias = bias.to(query.dtype)
             mask = bias if mask is None else torch.where(mask, bias, -1e30)
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
@@ -114,9 +119,39 @@ class SDPAttention(MegatronModule):
         out = out.permute(2, 0, 1, 3).reshape(sq, b, -1)
         return out if packed_seq_params is None else pack_thd(out)
 
-    def position_bias(self, sq: int, sk: int, device: torch.device) -> torch.Tensor | None:
-        """Additive score bias ``[1, heads, sq, sk]`` from positions (ALiBi); None here."""
-        return None
+    uses_position_bias = False  # subclasses that add a bias (ALiBi) set it
+
+    def position_bias(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Additive score bias ``[1, heads, sq, sk]`` from query and key positions."""
+        raise NotImplementedError
+
+    def _positions(self, sq: int, sk: int, device: torch.device, always: bool = False
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Global positions of the queries and keys, when a mask or bias needs them (or
+        ``always``).
+
+        Without context parallelism the queries are the last ``sq`` of the ``sk`` keys (all of
+        them in training and prefill, the new ones when decoding with a KV cache).
+        """
+        if not (always or self.cp_group is not None or self.window_left is not None
+                or self.uses_position_bias):
+            return None, None
+        if self.cp_group is not None:
+            queries = local_positions(sq, self.cp_group.size(), self.cp_group.rank(), device)
+        else:
+            queries = torch.arange(sk - sq, sk, device=device)
+        return queries, torch.arange(sk, device=device)
+
+    def _gather_context(self, key: torch.Tensor, value: torch.Tensor,
+                        attention_mask: torch.Tensor | None,
+                        packed_seq_params: PackedSeqParams | None
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The whole sequence's keys and values from every context-parallel rank."""
+        if attention_mask is not None or packed_seq_params is not None:
+            raise ValueError("context parallelism without Transformer Engine supports causal "
+                             "attention over whole sequences only (no explicit attention mask, "
+                             "no packed sequences); set --context-parallel-size 1")
+        return gather_sequence(key, self.cp_group), gather_sequence(value, self.cp_group)
 
 
 def _window_left(config: TransformerConfig) -> int | None:
@@ -134,8 +169,8 @@ def _window_left(config: TransformerConfig) -> int | None:
     return int(left)
 
 
-def _window_mask(sq: int, sk: int, left: int, device: torch.device) -> torch.Tensor:
-    """Causal sliding-window mask [sq, sk], True where query i may attend key j."""
-    q = torch.arange(sq, device=device)[:, None] + (sk - sq)
-    k = torch.arange(sk, device=device)[None, :]
+def _window_mask(queries: torch.Tensor, keys: torch.Tensor, left: int) -> torch.Tensor:
+    """Causal sliding-window mask [sq, sk] for query/key positions, True where query i may
+    attend key j (``i - left <= j <= i``)."""
+    q, k = queries[:, None], keys[None, :]
     return (k <= q) & (k >= q - left)
