@@ -78,6 +78,13 @@ def add_patch_arguments(
                        choices=["tensorwise", "rowwise"],
                        help="Scaling of torchao's float8 training, used for --fp8-format when "
                             "Transformer Engine is not installed (--fp8-recipe applies to TE).")
+    vlm = parser.add_argument_group("megatron-patch vision-language models")
+    vlm.add_argument("--freeze-LM", dest="freeze_lm", action="store_true",
+                     help="Do not train the language model.")
+    vlm.add_argument("--freeze-ViT", dest="freeze_vit", action="store_true",
+                     help="Do not train the vision tower.")
+    vlm.add_argument("--freeze-projector", action="store_true",
+                     help="Do not train the vision projector.")
     add_architecture_arguments(parser)
     backends = available_backends()
     parser.set_defaults(

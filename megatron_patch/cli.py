@@ -25,6 +25,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                 "convert hf-to-mcore | mcore-to-hf checkpoints"),
     "verify": ("megatron_patch.conversion.cli_verify",
                "compare HF and Megatron logits for the same weights"),
+    "card": ("megatron_patch.conversion.cli_card",
+             "verification card of a model family: logits, round trip, training vs HF"),
     "generate": ("megatron_patch.generation.cli_generate",
                  "generate completions for a file of prompts from a Megatron checkpoint"),
     "eval-ppl": ("megatron_patch.generation.cli_eval_ppl",

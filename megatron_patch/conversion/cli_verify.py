@@ -46,9 +46,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _relaunch(argv: list[str], nproc: int) -> int:
+def relaunch(argv: list[str], nproc: int, module: str = __name__) -> int:
+    """Run ``python -m module argv`` under torchrun with ``nproc`` processes; its exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", __name__, *argv]
+               "--master-port", str(_free_port()), "-m", module, *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.run(command, env=env).returncode
@@ -62,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     world = world_size(args.tp, args.pp, args.ep, args.etp)
     if int(os.environ.get("WORLD_SIZE", "1")) < world:
-        return _relaunch(argv, world)
+        return relaunch(argv, world)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     import torch

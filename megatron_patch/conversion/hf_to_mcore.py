@@ -166,6 +166,16 @@ def convert_hf_to_mcore(
     hf_dir = Path(hf_dir)
     hf_config = load_hf_config(hf_dir)
     family = family_for_hf_config(hf_config)
+    if "vlm" in family.extra:  # vision-language: conversion/vlm.py
+        from megatron_patch.conversion.vlm import convert_vlm_hf_to_mcore
+
+        return convert_vlm_hf_to_mcore(
+            hf_dir, out, family, tp=tp, pp=pp, dtype=dtype, ckpt_format=ckpt_format,
+            make_vocab_size_divisible_by=make_vocab_size_divisible_by, progress=progress,
+            unsupported={"--vpp": vpp, "--ep": ep if ep > 1 else None, "--etp": etp,
+                         "--decoder-first-pipeline-num-layers": decoder_first_pipeline_num_layers,
+                         "--decoder-last-pipeline-num-layers": decoder_last_pipeline_num_layers,
+                         "--extra-vocab-size": extra_vocab_size or None})
     model = family.hf_to_megatron(hf_config)
     _check_parallel(model, tp, pp, vpp, ep, etp, ckpt_format)
     reader = HFCheckpoint(hf_dir)

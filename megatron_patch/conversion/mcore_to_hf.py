@@ -74,6 +74,13 @@ def convert_mcore_to_hf(
     metadata = checkpoint_metadata(mcore_dir) or {}
     template = load_hf_config(hf_template) if hf_template else None
     files_from = Path(hf_template) if hf_template else mcore_dir
+    from megatron_patch.conversion.vlm import convert_vlm_mcore_to_hf, vlm_family
+
+    vlm = vlm_family(metadata, template)
+    if vlm is not None:  # vision-language: conversion/vlm.py
+        return convert_vlm_mcore_to_hf(mcore_dir, out, vlm, metadata, hf_template=hf_template,
+                                       dtype=dtype, max_shard_size=max_shard_size,
+                                       progress=progress)
     directory = checkpoint_directory(mcore_dir)
     with atomic_directory(out) as scratch, single_process_group(scratch):
         checkpoint = open_checkpoint(directory)
@@ -85,6 +92,9 @@ def convert_mcore_to_hf(
             family = family_of(checkpoint.args)
         else:
             family = family_for_hf_config(template)
+        if "vlm" in family.extra:  # only reached without metadata or template
+            raise ConversionError(f"{directory}: a {family.name} checkpoint without conversion "
+                                  "metadata; pass the original model directory as --hf-template")
         args = single_stage_args(checkpoint.args, family)
         layout = build_layout(args, family, checkpoint.dtype)
         hf_config = template or metadata.get("hf_config") or family.megatron_to_hf(args)

@@ -131,11 +131,21 @@ def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
 
     ``reference(hf_dir, tokens)`` computes the HF logits (default: the model in ``hf_dir``).
     ``extra_args`` are further Megatron flags for the model (e.g. ``--moe-grouped-gemm``).
+    Vision-language checkpoints are compared on random images and ``seq_length`` text tokens
+    (:func:`~megatron_patch.conversion.verify_vlm.compare_vlm_logits`).
 
     Sets up Megatron's parallel state (TP ``tp``, PP ``pp``, expert parallelism ``ep`` with
     expert TP ``etp`` (default ``tp``), data parallel over the remaining ranks) and tears it
     down again, so several comparisons can run in one process group.
     """
+    from megatron_patch.conversion.metadata import checkpoint_metadata
+    from megatron_patch.conversion.vlm import vlm_family
+
+    if vlm_family(checkpoint_metadata(mcore_dir), load_hf_config(hf_dir)) is not None:
+        from megatron_patch.conversion.verify_vlm import compare_vlm_logits
+
+        return compare_vlm_logits(hf_dir, mcore_dir, tp=tp, pp=pp, batch_size=batch_size,
+                                  text_length=seq_length, seed=seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # what Megatron's arguments read
     global_batch = str(batch_size * max(1, world // (tp * pp)))
     experts = ["--expert-model-parallel-size", str(ep)] + \

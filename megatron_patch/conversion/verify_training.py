@@ -6,15 +6,16 @@ Megatron) and linear-warmup + cosine schedule to ``min_lr``. The Megatron side i
 loop itself (:func:`setup_model_and_optimizer`, :func:`train_step`) at the given TP/PP/EP, data
 parallel over the remaining ranks. The HF side is transformers' model with ``torch.optim.AdamW``,
 ``torch.nn.utils.clip_grad_norm_`` and transformers' ``get_cosine_with_min_lr_schedule_with_warmup``
-(fp32, or fp32 weights under bf16 autocast, on rank 0). Per step we compare the loss (before the
-update) and the gradient norm (before clipping).
+(fp32, or fp32 weights under bf16 autocast, on rank 0), with dropout off and no frozen padding
+row, as in Megatron. Per step we compare the loss (before the update) and the gradient norm
+(before clipping).
 """
 
 from __future__ import annotations
 
 import gc
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,10 +129,24 @@ def _micro_batches(batches: torch.Tensor, rank: int, size: int) -> Iterator[dict
 def hf_training_curve(hf_dir: str | Path, batches: torch.Tensor, hyper: Hyper,
                       bf16: bool = False) -> tuple[list[float], list[float]]:
     """(losses, gradient norms) of ``len(batches)`` AdamW steps of the HF model."""
-    from transformers import AutoModelForCausalLM, get_cosine_with_min_lr_schedule_with_warmup
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        get_cosine_with_min_lr_schedule_with_warmup,
+    )
 
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).to(device)
+    # dropout off, as on the Megatron side (e.g. GPT-BigCode and OPT default to 0.1)
+    config = AutoConfig.from_pretrained(hf_dir)
+    no_dropout = {key: 0.0 for key, value in config.to_dict().items()
+                  if isinstance(value, float) and ("dropout" in key or "pdrop" in key)}
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
+                                                 **no_dropout).to(device)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Embedding):
+            # Megatron's embedding has no padding row: HF's padding_idx would freeze the
+            # gradient of the pad token's row (OPT's pad id 1 is a frequent token here)
+            module.padding_idx = None
     model.train()
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     groups = [{"params": [p for n, p in named if p.ndim > 1 and not n.endswith(".bias")],
@@ -188,8 +203,12 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
                      pp: int = 1, ep: int = 1, etp: int | None = None, batch_size: int = 2,
                      seq_length: int = 64,
                      hyper: Hyper = Hyper(), bf16: bool = False,
-                     seed: int = 0) -> TrainingCurves:
-    """Train ``steps`` steps on both sides; the curves are returned on every rank."""
+                     seed: int = 0, extra_args: Sequence[str] = ()) -> TrainingCurves:
+    """Train ``steps`` steps on both sides; the curves are returned on every rank.
+
+    ``extra_args`` are further Megatron flags (e.g. ``--sequence-parallel``, which Megatron
+    requires for a mixture-of-experts model at TP > 1).
+    """
     extra = ["--train-iters", str(steps), "--lr", str(hyper.lr), "--min-lr", str(hyper.min_lr),
              "--lr-decay-style", "cosine", "--lr-warmup-iters", str(hyper.warmup_steps),
              "--weight-decay", str(hyper.weight_decay), "--clip-grad", str(hyper.clip_grad),
@@ -198,7 +217,9 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
              # HF's loss has no load-balancing term unless asked for router logits, and its
              # pooled form differs from Megatron's per-layer one: compare without it
              "--moe-aux-loss-coeff", "0",
-             *(["--bf16"] if bf16 else [])]
+             # nor does it update DeepSeek-V3's expert-selection bias (aux-loss-free balancing)
+             "--moe-router-bias-update-rate", "0",
+             *(["--bf16"] if bf16 else []), *extra_args]
     args = verification_args(hf_dir, mcore_dir, tp=tp, pp=pp, ep=ep, etp=etp,
                              batch_size=batch_size, seq_length=seq_length, extra=extra)
     initialize(args)

@@ -133,6 +133,7 @@ class Generator:
         # every few steps so that the CPU runs ahead.
         self.check_every = check_every or (8 if self.device.type == "cuda" else 1)
         self._graphs: dict[tuple[int, int], tuple[_Batch, _DecodeGraph]] = {}
+        self.graph_failure: str | None = None  # why the last capture failed, if one did
         self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # ----------------------------------------------------------------------------------------
@@ -209,8 +210,9 @@ class Generator:
             try:
                 graph = _DecodeGraph(lambda: self._roll_step(batch), self._graph_pool)
             except RuntimeError as error:  # e.g. an operation that syncs with the host
-                warnings.warn(f"CUDA graph capture failed ({error}); decoding eagerly",
-                              stacklevel=2)
+                self.graph_failure = f"batch {size}, width {width}: {error}"
+                warnings.warn(f"CUDA graph capture failed ({self.graph_failure}); decoding "
+                              "eagerly", stacklevel=2)
                 self.cuda_graphs = False
                 return self._new_batch(size, width), None
             self._graphs[key] = (batch, graph)

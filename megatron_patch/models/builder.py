@@ -48,6 +48,11 @@ def build_gpt_model(
     uses them when installed.
     """
     family = family_from_args(args)
+    if "vlm" in family.extra:  # vision-language: Megatron-Core's multimodal model
+        from megatron_patch.models.common.vision import build_vlm_chunk
+
+        return build_vlm_chunk(family, args, config, pre_process, post_process, vp_stage,
+                               transformer_engine)
     return PatchGPTModel(
         config=config,
         transformer_layer_spec=family.decoder_spec(config, vp_stage, transformer_engine),

@@ -7,6 +7,7 @@ from megatron_patch.models import (  # noqa: F401
     falcon,
     glm,
     llama,
+    llava,
     mistral,
     mixtral,
     opt,

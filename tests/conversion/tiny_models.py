@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from megatron_patch.conversion.tiny import save_random_model
+
 _COMMON = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 4,
            "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
            "rms_norm_eps": 1e-5, "vocab_size": 250}
@@ -101,24 +103,16 @@ REFERENCE_CASES: dict[str, tuple[type, dict]] = {
 }
 
 
-@torch.no_grad()
+def tiny_config(case: str) -> transformers.PretrainedConfig:
+    """The transformers config of a ``case`` of CASES or REFERENCE_CASES."""
+    config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
+    return config_class(**{**_COMMON, **overrides})
+
+
 def save_tiny_model(case: str, path: Path, dtype: torch.dtype = torch.float32,
                     seed: int = 0) -> Path:
     """Save a random ``case`` model (sharded safetensors) with non-trivial norms and biases."""
-    config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
-    config = config_class(**{**_COMMON, **overrides})
-    torch.manual_seed(seed)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    for name, param in model.named_parameters():
-        if param.ndim == 1 and not name.endswith("bias"):
-            param.normal_(1.0, 0.1)  # norms: distinguishable, so a swapped mapping shows
-        else:
-            param.normal_(0.0, 0.15)
-    for name, buffer in model.named_buffers():
-        if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's expert-selection bias
-            buffer.normal_(0.0, 0.1)
-    model.to(dtype).save_pretrained(path, max_shard_size="40KB")
-    return path
+    return save_random_model(tiny_config(case), path, dtype, seed)
 
 
 def save_tokenizer(path: Path, size: int) -> None:

@@ -3,9 +3,13 @@
 #   1. the CUDA-only unit tests;
 #   2. the main job (tiny Llama, shipped corpus) with PR=bf16: the loss must fall;
 #   3. full training step against HF transformers + torch.compile (1.1B shape, bf16 and fp8);
-#   4. fp8 against bf16 loss curves on the shipped corpus (FP8_SHAPE, default 1.1b; 300 steps).
+#   4. fp8 against bf16 loss curves on the shipped corpus (FP8_SHAPE, default 1.1b; 300 steps);
+#   5. moe: a ~1B-parameter Qwen3-MoE shape trained in bf16 (tokens/s, router balance);
+#   6. generation: tokens/s of `megatron-patch generate`'s engine against HF generate;
+#   7. grpo: rollout and training tokens/s of GRPO on a Qwen2.5-0.5B shape.
 # Wheels in .whl/ (e.g. megatron-core, torchao) are installed first when the machine lacks them.
-# SKIP="bench parity" skips steps by name (tests, main, bench, parity).
+# SKIP="bench parity" skips steps by name (tests, main, bench, parity, moe, generation,
+# grpo).
 set -uo pipefail
 if [[ -d .whl ]]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -37,4 +41,19 @@ if wanted parity; then
   echo "== fp8 vs bf16 loss on the shipped corpus"
   "$PYTHON" -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" --iters 300 2>&1 \
     | tee "$RESULTS/fp8_loss_parity.txt" | tail -22
+fi
+if wanted moe; then
+  echo "== MoE training, bf16"
+  "$PYTHON" -m toolkits.benchmark.bench_moe_training --steps "${MOE_STEPS:-20}" 2>&1 \
+    | grep -v Warning | tee "$RESULTS/bench_moe_training.txt" | tail -6
+fi
+if wanted generation; then
+  echo "== generation vs HF generate"
+  "$PYTHON" -m toolkits.benchmark.bench_generation --batches "${GEN_BATCHES:-1,32}" 2>&1 \
+    | grep -v Warning | tee "$RESULTS/bench_generation.txt" | tail -6
+fi
+if wanted grpo; then
+  echo "== GRPO rollout and training"
+  "$PYTHON" -m toolkits.benchmark.bench_grpo 2>&1 | grep -v Warning \
+    | tee "$RESULTS/bench_grpo.txt" | tail -4
 fi

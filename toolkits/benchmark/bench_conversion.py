@@ -2,6 +2,7 @@
 
     python toolkits/benchmark/bench_conversion.py [--layers 16] [--hidden 2048] [--ffn 5632]
         [--vocab 32000] [--dtype bf16] [--shard-size 2GB] [--format torch_dist] [--workdir DIR]
+        [--tp 1] [--pp 1] [--preset llama3.1-8b]
 
 Writes the random model as sharded safetensors (as ``save_pretrained`` would), converts it to a
 Megatron checkpoint and back, each step in its own process, and reports seconds, GB/s of weights
@@ -22,6 +23,16 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
+
+
+PRESETS = {  # real HF config values (shapes); weights stay random
+    "llama3.1-8b": dict(layers=32, hidden=4096, ffn=14336, heads=32, kv_heads=8, vocab=128256),
+}
+PRESET_ROPE = {
+    "llama3.1-8b": dict(rope_theta=500000.0, rope_scaling={
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 8192}),
+}
 
 
 def _peak_rss_gb() -> float:
@@ -49,7 +60,7 @@ def write_random_model(path: Path, args: argparse.Namespace) -> int:
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=4096,
         tie_word_embeddings=False, dtype=dtype_name(parse_dtype(args.dtype)),
-        architectures=["LlamaForCausalLM"])
+        architectures=["LlamaForCausalLM"], **PRESET_ROPE.get(args.preset, {}))
     path.mkdir(parents=True)
     config.save_pretrained(path)
     dtype = parse_dtype(args.dtype)
@@ -76,14 +87,15 @@ def write_random_model(path: Path, args: argparse.Namespace) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
 
-def run_step(step: str, source: Path, target: Path, fmt: str, shard_size: str) -> dict:
+def run_step(step: str, source: Path, target: Path, fmt: str, shard_size: str, tp: int = 1,
+             pp: int = 1) -> dict:
     """One conversion in this process: seconds and peak RSS (also right after the imports)."""
     from megatron_patch.conversion import convert_hf_to_mcore, convert_mcore_to_hf
 
     baseline = _peak_rss_gb()
     start = time.perf_counter()
     if step == "hf2mcore":
-        convert_hf_to_mcore(source, target, ckpt_format=fmt, progress=False)
+        convert_hf_to_mcore(source, target, ckpt_format=fmt, tp=tp, pp=pp, progress=False)
     else:
         convert_mcore_to_hf(source, target, max_shard_size=shard_size, progress=False)
     return {"seconds": time.perf_counter() - start, "peak_rss_gb": _peak_rss_gb(),
@@ -92,7 +104,8 @@ def run_step(step: str, source: Path, target: Path, fmt: str, shard_size: str) -
 
 def _in_subprocess(step: str, source: Path, target: Path, args: argparse.Namespace) -> dict:
     command = [sys.executable, __file__, "--step", step, str(source), str(target), "--format",
-               args.format, "--shard-size", args.shard_size]
+               args.format, "--shard-size", args.shard_size, "--tp", str(args.tp),
+               "--pp", str(args.pp)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
     if result.returncode:
         raise RuntimeError(f"{step} failed:\n{result.stderr[-4000:]}")
@@ -125,13 +138,19 @@ def main() -> None:
                         help="safetensors shard size, of the random model and of the export")
     parser.add_argument("--format", default="torch_dist", choices=["torch_dist", "legacy"])
     parser.add_argument("--workdir", default=None, help="where to write (default: a temp dir)")
+    parser.add_argument("--tp", type=int, default=1, help="tensor parallel size to convert to")
+    parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size to convert to")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a real model's shape (overrides the size flags)")
     parser.add_argument("--step", nargs=3, metavar=("STEP", "SOURCE", "TARGET"),
                         help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.preset:
+        vars(args).update(PRESETS[args.preset])
     if args.step:
         step, source, target = args.step
         print(json.dumps(run_step(step, Path(source), Path(target), args.format,
-                                  args.shard_size)))
+                                  args.shard_size, args.tp, args.pp)))
         return
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
@@ -139,7 +158,8 @@ def main() -> None:
         size = write_random_model(root / "hf", args)
         shards = len(list((root / "hf").glob("*.safetensors")))
         print(f"random model: {size / 1e9:.2f} GB of {args.dtype} weights in {shards} shard(s) "
-              f"({args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}) "
+              f"({args.layers} layers, hidden {args.hidden}, ffn {args.ffn}, vocab {args.vocab}; "
+              f"to TP={args.tp} PP={args.pp} {args.format}) "
               f"written in {time.perf_counter() - start:.1f} s")
         steps = [("hf2mcore", root / "hf", root / "mcore"), ("mcore2hf", root / "mcore",
                                                               root / "hf2")]

@@ -110,7 +110,8 @@ def run_mcore(opts: argparse.Namespace) -> dict:
         run()
         seconds, out = _timed(run)
         results[batch] = {"seconds": seconds, "first": out[0].tokens,
-                          "cuda_graphs": generator.cuda_graphs}
+                          "cuda_graphs": generator.cuda_graphs,
+                          "graph_failure": generator.graph_failure}
     return results
 
 
@@ -221,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{graphs:>8}{same:>12}")
         rows.append({"batch": batch, "hf_tokens_per_s": hf_rate,
                      "mcore_tokens_per_s": mcore_rate, "cuda_graphs": graphs, "same": same})
+    failures = {r.get("graph_failure") for r in results["mcore"].values()} - {None}
+    for failure in sorted(failures):
+        print(f"CUDA graph capture failed ({failure}); those batches decoded eagerly")
     if opts.json:
         Path(opts.json).write_text(json.dumps({"device": device, "shape": opts.shape,
                                                "rows": rows}, indent=2))

@@ -11,15 +11,25 @@ Megatron-Core 0.19's MLA fuses a norm into ``linear_q_proj`` whenever ``qk_layer
 and there is no q LoRA (``q_lora_rank`` None), but DeepSeek-V2-Lite's q projection has no norm
 while its kv latent does; :class:`PatchMLASelfAttention` builds exactly the modules the spec
 names instead.
+
+Megatron-Core's torch-native MLA path (column-parallel down projections, their outputs gathered
+over TP) loses gradient under sequence parallelism: the gathered ``k_pos_emb`` feeds this rank's
+heads only, and the gather's backward (a split) never sums the other ranks' contributions.
+:class:`SequenceShardDownProjection` computes the whole latent on the local sequence shard
+instead (as Transformer Engine's duplicated linear does), so Megatron takes the path that
+gathers ``k_pos_emb`` over the sequence and reduce-scatters its gradient.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import (
     MLASelfAttention,
@@ -51,8 +61,31 @@ class MLACoreAttention(SDPAttention):
         super().__init__(*args, **kwargs)
 
 
+class SequenceShardDownProjection(ColumnParallelLinear):
+    """MLA down projection: column-parallel weights (checkpoint layout unchanged); under
+    sequence parallelism the full latent of the local tokens, from the all-gathered weight
+    (whose backward reduce-scatters, summing the ranks' partial weight gradients)."""
+
+    def forward(self, input_: torch.Tensor, weight: torch.Tensor | None = None,
+                runtime_gather_output: bool | None = None):
+        if not self.sequence_parallel or self.tp_group.size() == 1:
+            return super().forward(input_, weight, runtime_gather_output)
+        full = gather_from_sequence_parallel_region(self.weight if weight is None else weight,
+                                                    tensor_parallel_output_grad=True,
+                                                    group=self.tp_group)
+        return F.linear(input_, full), None
+
+
 class PatchMLASelfAttention(MLASelfAttention):
-    """``MLASelfAttention`` built from exactly the projections and norms its spec names."""
+    """``MLASelfAttention`` built from exactly the projections and norms its spec names, with
+    :class:`SequenceShardDownProjection` behaviour for column-parallel down projections."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        for name in ("linear_q_down_proj", "linear_kv_down_proj"):
+            module = getattr(self, name, None)
+            if type(module) is ColumnParallelLinear:  # Megatron accepts only its own classes
+                module.__class__ = SequenceShardDownProjection  # same state, new forward
 
     def _resolve_qk_norm_config(self, submodules: MLASelfAttentionSubmodules) -> dict:
         return {name: getattr(submodules, name) for name in (

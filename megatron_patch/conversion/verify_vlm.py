@@ -1,0 +1,135 @@
+"""Logits of a vision-language checkpoint against transformers on the same images and text.
+
+Megatron's input holds one image token per image (the model expands it to the image's
+embeddings); transformers' holds the token repeated once per embedding, as its processor
+writes it. Both give logits over the same combined sequence. The Megatron side is built and
+loaded as training does (``get_model``, ``load_checkpoint``) at any TP/PP, the vision tower on
+the first pipeline stage.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from pathlib import Path
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.training.checkpointing import load_checkpoint
+from megatron.training.training import get_model
+
+from megatron_patch.conversion.layout import parse_megatron_args
+from megatron_patch.conversion.verify import _device, max_abs_diff
+from megatron_patch.conversion.vlm import vlm_of
+from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.training.initialize import initialize, teardown_parallel_state
+from megatron_patch.training.pretrain import set_padded_vocab
+
+
+def vlm_inputs(hf_config: dict, image_tokens: int, image_token_id: int, batch_size: int,
+               text_length: int, seed: int = 0
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(Megatron token ids, transformers token ids, images): one random image per sample,
+    its token at position ``1 + 2 * sample``; the same on every rank."""
+    generator = torch.Generator().manual_seed(seed)
+    vocab = int(hf_config["text_config"]["vocab_size"])
+    ids = torch.randint(0, vocab, (batch_size, text_length), generator=generator)
+    ids[ids == image_token_id] = 0
+    hf_rows = []
+    for sample in range(batch_size):
+        where = 1 + 2 * sample
+        ids[sample, where] = image_token_id
+        hf_rows.append(torch.cat([ids[sample, :where],
+                                  torch.full((image_tokens,), image_token_id),
+                                  ids[sample, where + 1:]]))
+    size = hf_config["vision_config"].get("image_size", 224)
+    images = torch.randn(batch_size, 3, size, size, generator=generator)
+    return ids, torch.stack(hf_rows), images
+
+
+def hf_vlm_logits(hf_dir: str | Path, ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the transformers model in ``hf_dir`` on the CPU."""
+    from transformers import AutoModelForImageTextToText
+
+    model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=ids, pixel_values=images).logits.float()
+    del model
+    gc.collect()
+    return logits
+
+
+def _logits_only(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor:
+    return output
+
+
+def _forward_step(data_iterator, model):
+    ids, images = (t.to(_device()) for t in next(data_iterator))
+    tiles = torch.ones(images.shape[0], dtype=torch.int, device=ids.device)
+    output, _ = model(images, ids, None, None, num_image_tiles=tiles)
+    return output, _logits_only
+
+
+def vlm_forward_logits(model: list[torch.nn.Module], ids: torch.Tensor, images: torch.Tensor,
+                       seq_length: int) -> torch.Tensor | None:
+    """Full-vocabulary logits of the chunks over the combined sequence; None off the last
+    pipeline stage."""
+    for chunk in model:
+        chunk.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=_forward_step, data_iterator=iter([(ids, images)]), model=model,
+            num_microbatches=1, seq_length=seq_length, micro_batch_size=ids.shape[0],
+            forward_only=True, collect_non_loss_data=True)
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        return None
+    return tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0]).float()
+
+
+def build_vlm_model(args) -> list[torch.nn.Module]:
+    """This rank's model chunk, built as training builds it (vision tower on the first stage)."""
+    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
+                 pg_collection=None):
+        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
+                               post_process, vp_stage)
+
+    return get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
+
+
+def compare_vlm_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp: int = 1,
+                       batch_size: int = 2, text_length: int = 24, seed: int = 0) -> float:
+    """Max |transformers - Megatron| logit on random images and text, the same on every rank
+    (call on every rank of a world of ``tp * pp`` processes or a multiple)."""
+    hf_config = load_hf_config(hf_dir)
+    from megatron_patch.models.registry import family_for_hf_config
+
+    vlm = vlm_of(family_for_hf_config(hf_config))
+    image_tokens, image_token_id = vlm.image_tokens(hf_config), vlm.image_token_id(hf_config)
+    seq_length = text_length - 1 + image_tokens
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    args = parse_megatron_args([
+        "--load", str(mcore_dir), "--hf-config-path", str(hf_dir),
+        "--tensor-model-parallel-size", str(tp), "--pipeline-model-parallel-size", str(pp),
+        "--micro-batch-size", str(batch_size),
+        "--global-batch-size", str(batch_size * max(1, world // (tp * pp))),
+        "--seq-length", str(seq_length), "--finetune", "--no-load-optim", "--no-load-rng",
+        "--attention-dropout", "0", "--hidden-dropout", "0"])
+    initialize(args)
+    try:
+        set_padded_vocab(args, None)
+        ids, hf_ids, images = vlm_inputs(hf_config, image_tokens, image_token_id, batch_size,
+                                         text_length, seed)
+        rows = int(hf_config["text_config"]["vocab_size"])
+        reference = torch.empty(batch_size, seq_length, rows)
+        if torch.distributed.get_rank() == 0:
+            reference = hf_vlm_logits(hf_dir, hf_ids, images)
+        reference = reference.to(_device())
+        torch.distributed.broadcast(reference, src=0)
+        model = build_vlm_model(args)
+        load_checkpoint(model, None, None, strict=True)
+        return max_abs_diff(vlm_forward_logits(model, ids, images, seq_length), reference)
+    finally:
+        teardown_parallel_state()

@@ -1,0 +1,276 @@
+"""Shared pieces of vision-language families: vision-tower configs and specs, rule helpers.
+
+A vision-language model is Megatron-Core's ``LLaVAModel`` (vision tower, projector, language
+model) whose language model is a registered text family. Its weight mapping reuses the text
+family's rules under a prefix (:func:`renamed`); rules of the vision tower and projector carry
+their own ``TransformerConfig`` (:class:`OwnConfig`: attention heads differ from the language
+model's), and vocabulary-sized rules pad and strip their rows (:class:`VocabRows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from megatron.core.models.multimodal.llava_model import LLaVAModel
+from megatron.core.models.vision.clip_vit_model import CLIPViTModel
+from megatron.core.models.vision.multimodal_projector import MultimodalProjector
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.mlp import MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.conversion.mapping import Direct, FusedQKV, Index, Rule, Tensors
+from megatron_patch.models.common.norm import PatchNorm
+from megatron_patch.models.common.spec import build_layer_spec
+
+_HF_FIELDS = ("hf", "q", "k", "v", "gate", "up")
+
+
+def renamed(rules: list[Rule], megatron: str, hf: Callable[[str], str]) -> list[Rule]:
+    """``rules`` with ``megatron`` prepended to their Megatron names and ``hf`` applied to their
+    HF names (e.g. ``model.layers.*...`` -> ``language_model.model.layers.*...``)."""
+    out = []
+    for rule in rules:
+        changes = {"megatron": megatron + rule.megatron}
+        changes.update({f: hf(getattr(rule, f)) for f in _HF_FIELDS if hasattr(rule, f)})
+        out.append(dataclasses.replace(rule, **changes))
+    return out
+
+
+@dataclass(frozen=True)
+class ClassToken:
+    """HF ``class_embedding`` ``[h]`` <-> Megatron ``class_token`` ``[1, 1, h]``."""
+
+    megatron: str
+    hf: str
+
+    def hf_names(self, layer: Index) -> list[str]:
+        """The HF tensor name."""
+        return [self.hf]
+
+    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
+        """Add the two leading axes."""
+        return {self.megatron: hf[self.hf].reshape(1, 1, -1)}
+
+    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
+        """Drop the two leading axes."""
+        return {self.hf: tensor.reshape(-1).contiguous()}
+
+
+@dataclass(frozen=True)
+class OwnConfig:
+    """``rule`` applied with ``config`` (e.g. the vision tower's heads) instead of the map's."""
+
+    rule: Rule
+    config: TransformerConfig
+
+    @property
+    def megatron(self) -> str:
+        """The wrapped rule's Megatron name pattern."""
+        return self.rule.megatron
+
+    def hf_names(self, layer: Index) -> list[str]:
+        """HF tensor names the wrapped rule reads."""
+        return self.rule.hf_names(layer)
+
+    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
+        """The wrapped rule's Megatron tensor(s), built with this rule's config."""
+        return self.rule.to_megatron(hf, layer, self.config)
+
+    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
+        """The wrapped rule's HF tensor(s), split with this rule's config."""
+        return self.rule.to_hf(tensor, layer, self.config)
+
+
+@dataclass(frozen=True)
+class VocabRows:
+    """A vocabulary-sized one-to-one tensor: Megatron pads ``hf_rows`` rows to ``padded``."""
+
+    megatron: str
+    hf: str
+    hf_rows: int
+    padded: int
+
+    def hf_names(self, layer: Index) -> list[str]:
+        """The HF tensor name."""
+        return [self.hf]
+
+    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
+        """The HF rows, zero-padded to the Megatron vocabulary."""
+        tensor = hf[self.hf]
+        if tensor.shape[0] != self.hf_rows:
+            raise ValueError(f"{self.hf}: {tensor.shape[0]} rows, expected the vocabulary of "
+                             f"{self.hf_rows}")
+        padding = tensor.new_zeros(self.padded - self.hf_rows, *tensor.shape[1:])
+        return {self.megatron: torch.cat([tensor, padding])}
+
+    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
+        """The vocabulary rows without Megatron's padding."""
+        return {self.hf: tensor[: self.hf_rows].contiguous()}
+
+
+def vocab_rows(rules: list[Rule], names: tuple[str, ...], hf_rows: int, padded: int
+               ) -> list[Rule]:
+    """``rules`` with the one-to-one rules of Megatron tensors ``names`` padding their rows."""
+    return [VocabRows(r.megatron, r.hf, hf_rows, padded) if r.megatron in names else r
+            for r in rules]
+
+
+def encoder_config(base: TransformerConfig, **fields: Any) -> TransformerConfig:
+    """A config for a vision tower or projector: ``base`` (parallel sizes, dtype, init) with
+    the tower's shapes, one pipeline stage (the tower lives on the first) and no sequence
+    parallelism; extra attributes such as ``vision_model_type`` are set after construction."""
+    extra = {k: fields.pop(k) for k in list(fields) if not hasattr(base, k)}
+    config = dataclasses.replace(
+        base, pipeline_model_parallel_size=1, virtual_pipeline_model_parallel_size=None,
+        num_layers_in_first_pipeline_stage=None, num_layers_in_last_pipeline_stage=None,
+        sequence_parallel=False, bias_activation_fusion=False, apply_rope_fusion=False,
+        qk_layernorm=False, **fields)
+    for key, value in extra.items():
+        setattr(config, key, value)
+    return config
+
+
+def bidirectional_layer_spec(config: TransformerConfig,
+                             transformer_engine: bool | None = None) -> ModuleSpec:
+    """The shared layer spec with attention over all tokens (a ViT layer)."""
+    spec = build_layer_spec(config, transformer_engine=transformer_engine, moe=False)
+    attention = spec.submodules.self_attention
+    attention = dataclasses.replace(
+        attention, params={**attention.params, "attn_mask_type": AttnMaskType.no_mask})
+    return dataclasses.replace(
+        spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
+
+
+def vit_layer_rules(megatron: str, hf: str, config: TransformerConfig, names: dict[str, str]
+                    ) -> list[Rule]:
+    """Rules of a pre-norm ViT layer with LayerNorms and biases everywhere.
+
+    ``megatron`` / ``hf``: the layer prefixes with ``*`` for the index; ``names`` gives the HF
+    names of ``norm1 q k v o norm2 fc1 fc2`` under ``hf``.
+    """
+    rules: list[Rule] = []
+    for suffix in ("weight", "bias"):
+        def n(key: str, suffix: str = suffix) -> str:
+            return f"{hf}{names[key]}.{suffix}"
+        rules += [
+            Direct(f"{megatron}input_layernorm.{suffix}", n("norm1")),
+            OwnConfig(FusedQKV(f"{megatron}self_attention.linear_qkv.{suffix}",
+                               n("q"), n("k"), n("v")), config),
+            Direct(f"{megatron}self_attention.linear_proj.{suffix}", n("o")),
+            Direct(f"{megatron}pre_mlp_layernorm.{suffix}", n("norm2")),
+            Direct(f"{megatron}mlp.linear_fc1.{suffix}", n("fc1")),
+            Direct(f"{megatron}mlp.linear_fc2.{suffix}", n("fc2")),
+        ]
+    return rules
+
+
+def used_vision_layers(num_layers: int, feature_layer: int) -> int:
+    """Vision layers whose output reaches the language model when features are taken from
+    ``hidden_states[feature_layer]`` (index 0: the embeddings; negative from the end)."""
+    used = feature_layer if feature_layer >= 0 else num_layers + 1 + feature_layer
+    if not 1 <= used <= num_layers:
+        raise ValueError(f"config.json: vision_feature_layer={feature_layer} selects no layer "
+                         f"of the {num_layers}-layer vision tower")
+    return used
+
+
+@dataclass(frozen=True)
+class VisionLanguage:
+    """What conversion, verification and training need of a vision-language family
+    (``ModelFamily.extra["vlm"]``); every callable takes the HF ``config.json`` first.
+
+    Attributes:
+        text_family: the registered family of the language model.
+        rules: ``(hf_config, lm_config, tied, hf_names, hf_rows, padded)`` -> the weight
+            mapping against the checkpoint's HF names (naming conventions differ by
+            transformers version), vocabulary rows padded from ``hf_rows`` to ``padded``.
+        unused: ``(hf_config, hf_names)`` -> HF tensors the model never reads (vision layers
+            after the feature layer, the tower's last norm); kept beside the checkpoint.
+        build: ``(hf_config, args, lm_config, pre_process, post_process, add_encoder,
+            vp_stage, transformer_engine)`` -> the Megatron model chunk.
+        image_tokens: embeddings each image contributes to the language model's sequence.
+        image_token_id: the token id of the image placeholder.
+    """
+
+    text_family: Callable[[dict], Any]
+    rules: Callable[..., list[Rule]]
+    unused: Callable[[dict, list[str]], list[str]]
+    build: Callable[..., torch.nn.Module]
+    image_tokens: Callable[[dict], int]
+    image_token_id: Callable[[dict], int]
+
+
+class _DropLLaVANotice(logging.Filter):
+    """Megatron-Core's "LLaVA is work in progress" notice, logged for every model built."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LLaVA is work in progress" not in record.getMessage()
+
+
+logging.getLogger("megatron.core.models.multimodal.llava_model").addFilter(_DropLLaVANotice())
+
+
+class PatchLLaVAModel(LLaVAModel):
+    """``LLaVAModel`` whose CLIP or SigLIP tower (``vision_config.vision_model_type``) uses our
+    norms (Megatron-Core's default norm class for the tower without Transformer Engine,
+    ``torch.nn.LayerNorm``, does not take its builder's arguments) and ends without SigLIP's
+    final norm."""
+
+    def __init__(self, *, language_config: TransformerConfig, language_spec: Any,
+                 vocab_size: int, max_sequence_length: int, vision_config: TransformerConfig,
+                 vision_spec: Any, projection_config: TransformerConfig, add_encoder: bool,
+                 drop_class_token: bool, image_size: int, patch: int, **kwargs: Any):
+        projection = MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                   linear_fc2=RowParallelLinear)
+        super().__init__(language_config, language_spec, vocab_size, max_sequence_length,
+                         vision_config, vision_spec, drop_class_token, projection_config,
+                         projection, add_encoder=False, img_h=image_size, img_w=image_size,
+                         patch_dim=patch, **kwargs)
+        if add_encoder:
+            self.add_encoder = True
+            self._drop_vision_class_token = drop_class_token
+            clip = vision_config.vision_model_type == "clip"
+            self.vision_model = CLIPViTModel(
+                vision_config, vision_spec, ln_pre_impl=PatchNorm, ln_post_impl=PatchNorm,
+                add_class_token=clip, class_token_len=int(clip), patch_dim=patch,
+                img_h=image_size, img_w=image_size,
+                model_subtype=vision_config.vision_model_type, vp_stage=self.vp_stage)
+            # Features are taken before the tower's last norm (transformers' hidden_states).
+            self.vision_model.ln_post = None
+            self.vision_projection = MultimodalProjector(
+                projection_config, projection, "mlp", vision_config.hidden_size)
+
+
+def vlm_hf_config(args: Any) -> dict:
+    """The HF ``config.json`` of a vision-language run: ``--hf-config-path``, else the one
+    recorded with the converted checkpoint ``--load``."""
+    from megatron_patch.conversion.metadata import checkpoint_metadata
+    from megatron_patch.models.common.hf_config import load_hf_config
+
+    if getattr(args, "hf_config_path", None):
+        return load_hf_config(args.hf_config_path)
+    meta = checkpoint_metadata(args.load) if getattr(args, "load", None) else None
+    if not meta or "hf_config" not in meta:
+        raise ValueError("a vision-language model needs its HF config.json: pass "
+                         "--hf-config-path, or --load a checkpoint converted by megatron-patch")
+    return meta["hf_config"]
+
+
+def build_vlm_chunk(family: Any, args: Any, config: TransformerConfig, pre_process: bool,
+                    post_process: bool, vp_stage: int | None = None,
+                    transformer_engine: bool | None = None) -> torch.nn.Module:
+    """One chunk of a vision-language model, the vision tower and projector on the first
+    stage, with ``--freeze-LM`` / ``--freeze-ViT`` / ``--freeze-projector`` applied."""
+    model = family.extra["vlm"].build(vlm_hf_config(args), args, config, pre_process,
+                                      post_process, pre_process, vp_stage, transformer_engine)
+    model.freeze(freeze_language_model=getattr(args, "freeze_lm", False),
+                 freeze_vision_model=getattr(args, "freeze_vit", False),
+                 freeze_vision_projection=getattr(args, "freeze_projector", False))
+    return model

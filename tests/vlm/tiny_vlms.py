@@ -1,0 +1,50 @@
+"""Tiny random vision-language models from the transformers config classes (offline)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+from megatron_patch.conversion.tiny import init_random_
+
+IMAGE_TOKEN = 251
+# CLIP tower of 3 layers on 28x28 images in 7x7 patches (16 patches + class token); features
+# from layer -2 (the last layer and post_layernorm are never read); Llama with GQA, untied.
+LLAVA = {
+    "vision_config": {"hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 3,
+                      "num_attention_heads": 4, "image_size": 28, "patch_size": 7,
+                      "projection_dim": 16},
+    "text_config": {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+                    "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 252,
+                    "max_position_embeddings": 128, "rms_norm_eps": 1e-5},
+    "image_token_id": IMAGE_TOKEN,
+}
+
+
+TEXT_CONFIGS = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}
+VISION_CONFIGS = {"clip": transformers.CLIPVisionConfig, "siglip": transformers.SiglipVisionConfig}
+
+
+def llava_config(text: str = "llama", text_overrides: dict | None = None,
+                 vision: str = "clip", **overrides) -> transformers.LlavaConfig:
+    """The tiny LLaVA config with a ``text`` language model and a ``vision`` tower (keys of
+    TEXT_CONFIGS, VISION_CONFIGS); ``overrides`` replace top-level fields (e.g. the strategy),
+    ``text_overrides`` those of the language model."""
+    fields = {**LLAVA, **overrides}
+    text_config = TEXT_CONFIGS[text](**{**fields.pop("text_config"), **(text_overrides or {})})
+    vision_fields = dict(fields.pop("vision_config"))
+    if vision == "siglip":
+        vision_fields.pop("projection_dim")
+    return transformers.LlavaConfig(vision_config=VISION_CONFIGS[vision](**vision_fields),
+                                    text_config=text_config, **fields)
+
+
+def save_tiny_llava(path: Path, seed: int = 0, **overrides) -> Path:
+    """Save a random tiny LLaVA (sharded safetensors, fp32) with non-trivial norms and biases."""
+    torch.manual_seed(seed)
+    model = transformers.LlavaForConditionalGeneration(llava_config(**overrides))
+    init_random_(model)
+    model.save_pretrained(path, max_shard_size="100KB")
+    return Path(path)
