@@ -4,6 +4,7 @@ bit-identical through Megatron's optimizer, and the trained checkpoint exports t
 
 import os
 import subprocess
+import sys
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from tests.launch import REPO, losses
 
 def test_demo_trains_at_pp2_with_frozen_vision_tower(tmp_path):
     env = {**os.environ, "OUTPUT": str(tmp_path), "TRAIN_ITERS": "12", "LOG_INTERVAL": "2",
-           "NPROC_PER_NODE": "2", "PP": "2", "PYTHON": os.environ.get("PYTHON", "python"),
+           "NPROC_PER_NODE": "2", "PP": "2", "PYTHON": sys.executable,
            "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = subprocess.run(["bash", "examples/llava/run_mcore_llava.sh", "--freeze-ViT"],
                             cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
