@@ -25,7 +25,7 @@ from megatron.training.training import get_model
 from megatron.training.utils import print_rank_0
 
 from megatron_patch.arguments import parse_training_args
-from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.training.checkpoint import check_checkpoint_before_load
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.loop import TrainState, next_batch, setup_model_and_optimizer, train
@@ -99,15 +99,8 @@ def build_frozen(args: argparse.Namespace, source: str,
                  ) -> list[torch.nn.Module]:
     """A frozen model sharded like the policy (same architecture flags), weights from the
     checkpoint ``source``; ``extend_model`` adds modules before loading (e.g. a value head)."""
-    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                 pg_collection=None):
-        model = build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                                post_process, vp_stage)
-        if extend_model is not None:
-            extend_model(model)
-        return model
-
-    frozen = get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    frozen = get_model(gpt_model_provider(args, extend=extend_model),
+                       ModelType.encoder_or_decoder, wrap_with_ddp=False)
     if source:
         with _overridden(args, finetune=True, no_load_optim=True, no_load_rng=True,
                          frozen_load=source, consumed_train_samples=args.consumed_train_samples,

@@ -23,7 +23,7 @@ from megatron.training.checkpointing import load_checkpoint
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
@@ -110,16 +110,17 @@ def random_tokens(vocab: int, batch_size: int, seq_length: int, seed: int = 0) -
     return torch.randint(0, vocab, (batch_size, seq_length), generator=generator)
 
 
+def load_megatron_model(args) -> list[torch.nn.Module]:
+    """This rank's chunks of the checkpoint at ``args.load``, built and loaded as training
+    does (without DDP)."""
+    model = get_model(gpt_model_provider(args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    load_checkpoint(model, None, None, strict=True)
+    return model
+
+
 def megatron_logits(args, tokens: torch.Tensor) -> torch.Tensor | None:
     """Logits of the checkpoint at ``args.load``, built and loaded as training does."""
-    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                 pg_collection=None):
-        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                               post_process, vp_stage)
-
-    model = get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    load_checkpoint(model, None, None, strict=True)
-    return forward_logits(model, tokens)
+    return forward_logits(load_megatron_model(args), tokens)
 
 
 def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp: int = 1,

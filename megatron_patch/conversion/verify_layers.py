@@ -20,14 +20,10 @@ from pathlib import Path
 
 import torch
 from megatron.core import tensor_parallel
-from megatron.core.enums import ModelType
 from megatron.core.utils import get_model_config
-from megatron.training.checkpointing import load_checkpoint
-from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.verify import forward_logits, random_tokens
-from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.conversion.verify import forward_logits, load_megatron_model, random_tokens
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
@@ -222,13 +218,7 @@ def compare_layers(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
         torch.distributed.broadcast(reference, src=0)
         torch.distributed.broadcast(reference_logits, src=0)
 
-        def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                     pg_collection=None):
-            return build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                                   post_process, vp_stage)
-
-        model = get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
-        load_checkpoint(model, None, None, strict=True)
+        model = load_megatron_model(args)
         store: dict[str, torch.Tensor] = {}
         handles = _megatron_hooks(model, store)
         logits = forward_logits(model, tokens)

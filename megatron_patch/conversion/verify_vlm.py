@@ -23,7 +23,7 @@ from megatron.training.training import get_model
 from megatron_patch.conversion.layout import parse_megatron_args
 from megatron_patch.conversion.verify import _device, max_abs_diff
 from megatron_patch.conversion.vlm import vlm_of
-from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
@@ -91,12 +91,7 @@ def vlm_forward_logits(model: list[torch.nn.Module], ids: torch.Tensor, images: 
 
 def build_vlm_model(args) -> list[torch.nn.Module]:
     """This rank's model chunk, built as training builds it (vision tower on the first stage)."""
-    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                 pg_collection=None):
-        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                               post_process, vp_stage)
-
-    return get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    return get_model(gpt_model_provider(args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
 
 
 def compare_vlm_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp: int = 1,

@@ -224,7 +224,7 @@ def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceM
     from megatron.training.checkpointing import load_checkpoint
     from megatron.training.training import get_model
 
-    from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+    from megatron_patch.models.builder import gpt_model_provider
     from megatron_patch.training.initialize import initialize
     from megatron_patch.training.pretrain import set_padded_vocab
 
@@ -241,12 +241,8 @@ def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceM
                              f"--tp {args.tensor_model_parallel_size}")
         args.padded_vocab_size = saved
 
-    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                 pg_collection=None):
-        return build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                               post_process, vp_stage, transformer_engine=False)
-
-    model = get_model(provider, ModelType.encoder_or_decoder, wrap_with_ddp=False)
+    model = get_model(gpt_model_provider(args, transformer_engine=False),
+                      ModelType.encoder_or_decoder, wrap_with_ddp=False)
     load_checkpoint(model, None, None, strict=True)
     model[0].eval()
     rows = metadata.get("vocab_rows") or args.vocab_size or tokenizer.vocab_size

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Callable
 
 from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -71,3 +72,18 @@ def build_gpt_model(
         seq_len_interpolation_factor=args.rotary_seq_len_interpolation_factor,
         vp_stage=vp_stage,
     )
+
+
+def gpt_model_provider(args: argparse.Namespace, transformer_engine: bool | None = None,
+                       extend: Callable[[GPTModel], None] | None = None) -> Callable[..., GPTModel]:
+    """Megatron ``get_model`` provider: :func:`build_gpt_model` chunks from ``args``, each
+    passed to ``extend`` (e.g. to add or convert modules) before it is returned."""
+    def provider(pre_process: bool = True, post_process: bool = True,
+                 vp_stage: int | None = None, config=None, pg_collection=None) -> GPTModel:
+        model = build_gpt_model(args, transformer_config_from_args(args), pre_process,
+                                post_process, vp_stage, transformer_engine)
+        if extend is not None:
+            extend(model)
+        return model
+
+    return provider

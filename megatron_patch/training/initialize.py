@@ -15,6 +15,7 @@ from megatron.core.num_microbatches_calculator import (
     init_num_microbatches_calculator,
 )
 from megatron.training.global_vars import set_args
+from torch.distributed import distributed_c10d
 
 from megatron_patch.runtime.backends import available_backends
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
@@ -83,8 +84,6 @@ def teardown_parallel_state() -> None:
     (and gloo's threads) stay alive. Processes that set up several layouts in turn (verify,
     tests) would otherwise accumulate thousands of threads.
     """
-    from torch.distributed import distributed_c10d
-
     world = torch.distributed.group.WORLD if torch.distributed.is_initialized() else None
     subgroups = [] if world is None else [
         group for group in list(distributed_c10d._world.pg_map) if group is not world]

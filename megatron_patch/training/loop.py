@@ -33,7 +33,7 @@ from megatron.training.training import (
 )
 from megatron.training.utils import print_rank_0
 
-from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
+from megatron_patch.models.builder import gpt_model_provider, transformer_config_from_args
 from megatron_patch.models.init import init_layout_invariant
 from megatron_patch.runtime.float8 import convert_linears_to_float8
 from megatron_patch.runtime.gpu_fast_paths import (
@@ -79,10 +79,7 @@ def setup_model_and_optimizer(
     fast_paths = apply_gpu_fast_paths()
     config = transformer_config_from_args(args)
 
-    def provider(pre_process=True, post_process=True, vp_stage=None, config=None,
-                 pg_collection=None):
-        model = build_gpt_model(args, transformer_config_from_args(args), pre_process,
-                                post_process, vp_stage)
+    def prepare(model: torch.nn.Module) -> None:
         if getattr(args, "torchao_float8", None):
             count = convert_linears_to_float8(model, args.torchao_float8)
             print_rank_0(f"> float8 training (torchao {args.torchao_float8}): {count} linears")
@@ -90,9 +87,8 @@ def setup_model_and_optimizer(
             compile_transformer_layers(model)
         if extend_model is not None:
             extend_model(model)
-        return model
 
-    model = get_model(provider, ModelType.encoder_or_decoder)
+    model = get_model(gpt_model_provider(args, extend=prepare), ModelType.encoder_or_decoder)
     disable_ddp_nan_check(model)
     if not (args.load and checkpoint_exists(args.load)):  # e.g. a first run with --load = --save
         init_layout_invariant(model, config, args.seed,

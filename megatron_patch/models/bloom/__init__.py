@@ -19,6 +19,7 @@ from megatron_patch.models.common.decoder_args import (
     decoder_args,
     direct_rules,
     field,
+    output_layer_rules,
     refuse,
 )
 from megatron_patch.models.common.layers import PatchedFamily
@@ -76,9 +77,7 @@ def bloom_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]
             "mlp.linear_fc1": "mlp.dense_h_to_4h",
             "mlp.linear_fc2": "mlp.dense_4h_to_h"}, WEIGHT_BIAS),
     ]
-    if not tie_embeddings:
-        rules.append(Direct("output_layer.weight", "lm_head.weight"))
-    return rules
+    return rules + output_layer_rules(tie_embeddings)
 
 
 BLOOM = register_family(

@@ -11,11 +11,9 @@ heads. The bias is built by :func:`alibi_bias`, the one place that knows its lay
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.transformer.enums import AttnMaskType
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.models.common.attention import SDPAttention
 
@@ -47,23 +45,10 @@ class ALiBiAttention(SDPAttention):
 
     uses_position_bias = True
 
-    def __init__(
-        self,
-        config: TransformerConfig,
-        layer_number: int,
-        attn_mask_type: AttnMaskType,
-        attention_type: str,
-        attention_dropout: float | None = None,
-        softmax_scale: float | None = None,
-        cp_comm_type: str | None = None,
-        pg_collection: ProcessGroupCollection | None = None,
-    ):
-        super().__init__(config, layer_number, attn_mask_type, attention_type, attention_dropout,
-                         softmax_scale, cp_comm_type, pg_collection)
-        if pg_collection is None:
-            pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=["tp"])
-        first = pg_collection.tp.rank() * self.num_heads
-        self.slopes = alibi_slopes(config.num_attention_heads)[first:first + self.num_heads]
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        first = self.tp_rank * self.num_heads
+        self.slopes = alibi_slopes(self.config.num_attention_heads)[first:first + self.num_heads]
 
     def position_bias(self, queries: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """``[1, local heads, sq, sk]`` ALiBi bias for these query and key positions."""

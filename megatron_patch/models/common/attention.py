@@ -53,7 +53,7 @@ class SDPAttention(MegatronModule):
             required = ["tp", "cp"] if config.context_parallel_size > 1 else ["tp"]
             pg_collection = ProcessGroupCollection.use_mpu_process_groups(required_pgs=required)
         self.cp_group = pg_collection.cp if config.context_parallel_size > 1 else None
-        tp_size = pg_collection.tp.size()
+        self.tp_rank, tp_size = pg_collection.tp.rank(), pg_collection.tp.size()
         self.attn_mask_type = attn_mask_type
         self.num_heads = divide(config.num_attention_heads, tp_size)
         self.num_groups = divide(config.num_query_groups, tp_size)

@@ -84,3 +84,8 @@ def replace_rules(rules: Iterable[Rule], *replacements: Rule) -> list[Rule]:
     if new:
         raise ValueError(f"no rule to replace for {sorted(new)}")
     return replaced
+
+
+def output_layer_rules(tie_embeddings: bool, hf_name: str = "lm_head.weight") -> list[Rule]:
+    """The separate output layer's rule; none when it is tied to the input embedding."""
+    return [] if tie_embeddings else [Direct("output_layer.weight", hf_name)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.conversion.mapping import Direct, FusedQKV, GatedMLP, Rule
+from megatron_patch.models.common.decoder_args import output_layer_rules
 
 _L = "decoder.layers.*."
 _H = "model.layers.*."
@@ -33,6 +34,4 @@ def llama_style_mapping(config: TransformerConfig, tie_embeddings: bool) -> list
             Direct(_L + "self_attention.q_layernorm.weight", attn + "q_norm.weight"),
             Direct(_L + "self_attention.k_layernorm.weight", attn + "k_norm.weight"),
         ]
-    if not tie_embeddings:
-        rules.append(Direct("output_layer.weight", "lm_head.weight"))
-    return rules
+    return rules + output_layer_rules(tie_embeddings)

@@ -24,6 +24,7 @@ from megatron_patch.models.common.decoder_args import (
     decoder_args,
     direct_rules,
     field,
+    output_layer_rules,
     refuse,
 )
 from megatron_patch.models.common.hf_config import _expect, _rope_to_megatron
@@ -112,9 +113,7 @@ def falcon_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule
             "mlp.linear_fc1": "mlp.dense_h_to_4h",
             "mlp.linear_fc2": "mlp.dense_4h_to_h"}, linear),
     ]
-    if not tie_embeddings:
-        rules.append(Direct("output_layer.weight", "lm_head.weight"))
-    return rules
+    return rules + output_layer_rules(tie_embeddings)
 
 
 FALCON = register_family(

@@ -20,6 +20,7 @@ from megatron_patch.models.common.decoder_args import (
     decoder_args,
     direct_rules,
     field,
+    output_layer_rules,
     refuse,
 )
 from megatron_patch.models.common.hf_config import UnsupportedConfigError, _expect
@@ -85,9 +86,7 @@ def opt_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]:
         *[FusedQKV(f"{LAYER}self_attention.linear_qkv.{suffix}",
                    *(f"{layer}self_attn.{p}_proj.{suffix}" for p in "qkv")) for suffix in linear],
     ]
-    if not tie_embeddings:
-        rules.append(Direct("output_layer.weight", "lm_head.weight"))
-    return rules
+    return rules + output_layer_rules(tie_embeddings)
 
 
 OPT = register_family(

@@ -22,6 +22,7 @@ from megatron_patch.models.common.decoder_args import (
     decoder_args,
     direct_rules,
     field,
+    output_layer_rules,
     refuse,
 )
 from megatron_patch.models.common.hf_config import (
@@ -100,9 +101,7 @@ def bigcode_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rul
             "mlp.linear_fc1": "mlp.c_fc",
             "mlp.linear_fc2": "mlp.c_proj"}, WEIGHT_BIAS),
     ]
-    if not tie_embeddings:
-        rules.append(Direct("output_layer.weight", "lm_head.weight"))
-    return rules
+    return rules + output_layer_rules(tie_embeddings)
 
 
 def starcoder2_to_megatron(hf: HFConfig) -> MegatronArgs:
@@ -164,9 +163,7 @@ def starcoder2_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[
                    f"{attention}k_proj.{suffix}", f"{attention}v_proj.{suffix}")
           for suffix in linear],
     ]
-    if not tie_embeddings:
-        rules.append(Direct("output_layer.weight", "lm_head.weight"))
-    return rules
+    return rules + output_layer_rules(tie_embeddings)
 
 
 STARCODER = register_family(
