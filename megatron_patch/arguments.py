@@ -85,6 +85,12 @@ def add_patch_arguments(
                      help="Do not train the vision tower.")
     vlm.add_argument("--freeze-projector", action="store_true",
                      help="Do not train the vision projector.")
+    vlm.add_argument("--vlm-min-pixels", type=int, default=None,
+                     help="Qwen2-VL: smallest image area after resizing (default: the model's "
+                          "preprocessor_config.json, else 56*56).")
+    vlm.add_argument("--vlm-max-pixels", type=int, default=None,
+                     help="Qwen2-VL: largest image area after resizing (default: the model's "
+                          "preprocessor_config.json, else 28*28*1280).")
     add_architecture_arguments(parser)
     backends = available_backends()
     parser.set_defaults(

@@ -9,15 +9,17 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-# Tokenizer, chat template and generation settings: copied along in both directions.
+# Tokenizer, chat template, generation and image-processor settings: copied along in both
+# directions.
 MODEL_FILE_PATTERNS = ("tokenizer*.json", "*.model", "*.tiktoken",
                        "vocab.json", "vocab.txt", "merges.txt", "special_tokens_map.json",
                        "added_tokens.json", "chat_template.json", "chat_template.jinja",
-                       "generation_config.json")
+                       "generation_config.json", "preprocessor_config.json")
 
 
 def copy_model_files(src: str | Path, dst: str | Path) -> list[str]:
-    """Copy tokenizer files, chat template and generation config; returns the names copied."""
+    """Copy tokenizer files, chat template, generation and image-processor configs; returns
+    the names copied."""
     copied = set()
     for pattern in MODEL_FILE_PATTERNS:
         for file in Path(src).glob(pattern):

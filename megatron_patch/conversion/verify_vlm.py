@@ -1,7 +1,8 @@
 """Logits of a vision-language checkpoint against transformers on the same images and text.
 
-Megatron's input holds one image token per image (the model expands it to the image's
-embeddings); transformers' holds the token repeated once per embedding, as its processor
+The family's ``verify_batch`` gives both models' inputs (:class:`VerifyBatch`); by default
+(LLaVA) Megatron's input holds one image token per image (the model expands it to the image's
+embeddings) and transformers' holds the token repeated once per embedding, as its processor
 writes it. Both give logits over the same combined sequence. The Megatron side is built and
 loaded as training does (``get_model``, ``load_checkpoint``) at any TP/PP, the vision tower on
 the first pipeline stage.
@@ -11,6 +12,8 @@ from __future__ import annotations
 
 import gc
 import os
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +30,36 @@ from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
+
+
+@dataclass
+class VerifyBatch:
+    """One batch for both models: ``megatron`` and ``hf`` are keyword arguments of the
+    Megatron model chunk and of the transformers model; ``seq_length`` is the sequence length
+    the language model sees."""
+
+    megatron: dict[str, torch.Tensor | None]
+    hf: dict[str, torch.Tensor]
+    seq_length: int
+
+
+def verify_batch(hf_config: dict, batch_size: int, text_length: int, seed: int = 0
+                 ) -> VerifyBatch:
+    """The family's verification batch (the same on every rank)."""
+    from megatron_patch.models.registry import family_for_hf_config
+
+    vlm = vlm_of(family_for_hf_config(hf_config))
+    if vlm.verify_batch is not None:
+        return vlm.verify_batch(hf_config, batch_size, text_length, seed)
+    image_tokens = vlm.image_tokens(hf_config)
+    ids, hf_ids, images = vlm_inputs(hf_config, image_tokens, vlm.image_token_id(hf_config),
+                                     batch_size, text_length, seed)
+    tiles = torch.ones(batch_size, dtype=torch.int)
+    return VerifyBatch(
+        megatron={"images": images, "input_ids": ids, "position_ids": None,
+                  "attention_mask": None, "num_image_tiles": tiles},
+        hf={"input_ids": hf_ids, "pixel_values": images},
+        seq_length=text_length - 1 + image_tokens)
 
 
 def vlm_inputs(hf_config: dict, image_tokens: int, image_token_id: int, batch_size: int,
@@ -50,13 +83,13 @@ def vlm_inputs(hf_config: dict, image_tokens: int, image_token_id: int, batch_si
     return ids, torch.stack(hf_rows), images
 
 
-def hf_vlm_logits(hf_dir: str | Path, ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """fp32 logits of the transformers model in ``hf_dir`` on the CPU."""
+def hf_vlm_logits(hf_dir: str | Path, **inputs: torch.Tensor) -> torch.Tensor:
+    """fp32 logits of the transformers model in ``hf_dir`` on the CPU for ``inputs``."""
     from transformers import AutoModelForImageTextToText
 
     model = AutoModelForImageTextToText.from_pretrained(hf_dir, dtype=torch.float32)
     with torch.no_grad():
-        logits = model(input_ids=ids, pixel_values=images).logits.float()
+        logits = model(**inputs).logits.float()
     del model
     gc.collect()
     return logits
@@ -66,24 +99,27 @@ def _logits_only(output: torch.Tensor, non_loss_data: bool = False) -> torch.Ten
     return output
 
 
+def on_device(inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
+    """``inputs`` with every tensor on this rank's device."""
+    return {k: v.to(_device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
 def _forward_step(data_iterator, model):
-    ids, images = (t.to(_device()) for t in next(data_iterator))
-    tiles = torch.ones(images.shape[0], dtype=torch.int, device=ids.device)
-    output, _ = model(images, ids, None, None, num_image_tiles=tiles)
-    return output, _logits_only
+    output = model(**on_device(next(data_iterator)))
+    return (output[0] if isinstance(output, tuple) else output), _logits_only
 
 
-def vlm_forward_logits(model: list[torch.nn.Module], ids: torch.Tensor, images: torch.Tensor,
-                       seq_length: int) -> torch.Tensor | None:
+def vlm_forward_logits(model: list[torch.nn.Module], batch: VerifyBatch) -> torch.Tensor | None:
     """Full-vocabulary logits of the chunks over the combined sequence; None off the last
     pipeline stage."""
     for chunk in model:
         chunk.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=_forward_step, data_iterator=iter([(ids, images)]), model=model,
-            num_microbatches=1, seq_length=seq_length, micro_batch_size=ids.shape[0],
-            forward_only=True, collect_non_loss_data=True)
+            forward_step_func=_forward_step, data_iterator=iter([batch.megatron]), model=model,
+            num_microbatches=1, seq_length=batch.seq_length,
+            micro_batch_size=batch.hf["input_ids"].shape[0], forward_only=True,
+            collect_non_loss_data=True)
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return None
     return tensor_parallel.gather_from_tensor_model_parallel_region(outputs[0]).float()
@@ -95,15 +131,14 @@ def build_vlm_model(args) -> list[torch.nn.Module]:
 
 
 def compare_vlm_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp: int = 1,
-                       batch_size: int = 2, text_length: int = 24, seed: int = 0) -> float:
+                       batch_size: int = 2, text_length: int = 24, seed: int = 0,
+                       extra_args: Sequence[str] = ()) -> float:
     """Max |transformers - Megatron| logit on random images and text, the same on every rank
-    (call on every rank of a world of ``tp * pp`` processes or a multiple)."""
+    (call on every rank of a world of ``tp * pp`` processes or a multiple); ``extra_args``:
+    more Megatron flags (e.g. ``--sequence-parallel``)."""
     hf_config = load_hf_config(hf_dir)
-    from megatron_patch.models.registry import family_for_hf_config
-
-    vlm = vlm_of(family_for_hf_config(hf_config))
-    image_tokens, image_token_id = vlm.image_tokens(hf_config), vlm.image_token_id(hf_config)
-    seq_length = text_length - 1 + image_tokens
+    batch = verify_batch(hf_config, batch_size, text_length, seed)
+    seq_length = batch.seq_length
     world = int(os.environ.get("WORLD_SIZE", "1"))
     args = parse_megatron_args([
         "--load", str(mcore_dir), "--hf-config-path", str(hf_dir),
@@ -111,20 +146,18 @@ def compare_vlm_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1
         "--micro-batch-size", str(batch_size),
         "--global-batch-size", str(batch_size * max(1, world // (tp * pp))),
         "--seq-length", str(seq_length), "--finetune", "--no-load-optim", "--no-load-rng",
-        "--attention-dropout", "0", "--hidden-dropout", "0"])
+        "--attention-dropout", "0", "--hidden-dropout", "0", *extra_args])
     initialize(args)
     try:
         set_padded_vocab(args, None)
-        ids, hf_ids, images = vlm_inputs(hf_config, image_tokens, image_token_id, batch_size,
-                                         text_length, seed)
-        rows = int(hf_config["text_config"]["vocab_size"])
+        rows = int((hf_config.get("text_config") or hf_config)["vocab_size"])
         reference = torch.empty(batch_size, seq_length, rows)
         if torch.distributed.get_rank() == 0:
-            reference = hf_vlm_logits(hf_dir, hf_ids, images)
+            reference = hf_vlm_logits(hf_dir, **batch.hf)
         reference = reference.to(_device())
         torch.distributed.broadcast(reference, src=0)
         model = build_vlm_model(args)
         load_checkpoint(model, None, None, strict=True)
-        return max_abs_diff(vlm_forward_logits(model, ids, images, seq_length), reference)
+        return max_abs_diff(vlm_forward_logits(model, batch), reference)
     finally:
         teardown_parallel_state()

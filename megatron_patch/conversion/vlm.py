@@ -236,7 +236,8 @@ def convert_vlm_mcore_to_hf(mcore_dir: str | Path, out: str | Path, family: Mode
         args = single_stage_args(checkpoint.args, family)
         stored = checkpoint.tensors[EMBEDDING].dtype
         layout = build_vlm_layout(args, family, hf_config, stored)
-        rows = int(metadata.get("vocab_rows") or hf_config["text_config"]["vocab_size"])
+        rows = int(metadata.get("vocab_rows")
+                   or (hf_config.get("text_config") or hf_config)["vocab_size"])
         weights = layout.weight_map(names, rows)
         out_dtype = parse_dtype(dtype or metadata.get("hf_dtype") or stored)
         checkpoint.check(layout)

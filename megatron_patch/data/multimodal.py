@@ -10,8 +10,9 @@ A record (one JSON line)::
 SFT (:mod:`.sft_format`); ``image`` may hold a single path. Each ``<image>`` is the next image
 of ``images`` (paths relative to the data file); a record's placeholders and images must agree
 in number. The conversation is rendered with the tokenizer's chat template and the loss covers
-the assistant turns only (:mod:`.sft_encoder`). Each ``<image>`` becomes one image token, which
-the model expands to the image's embeddings. Images are read with Pillow, converted to RGB,
+the assistant turns only (:mod:`.sft_encoder`). For LLaVA each ``<image>`` becomes one image
+token, which the model expands to the image's embeddings (Qwen2-VL's expansion:
+:mod:`.qwen2_vl`). Images are read with Pillow, converted to RGB (transparency onto white),
 resized to the vision tower's square input and normalised (CLIP's mean and std by default).
 
 A missing or unreadable image, a placeholder count that does not match, or a sample longer
@@ -22,6 +23,7 @@ than ``--seq-length`` once its images are expanded is reported with the sample's
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,13 +58,21 @@ def _sample_id(record: object, line: int) -> str:
     return f"line {line}"
 
 
-def encode_conversation(tokenizer: Tokenizer, record: dict, image_token_id: int
-                        ) -> tuple[numpy.ndarray, numpy.ndarray, list[str]]:
-    """Token ids (each ``<image>`` one ``image_token_id``), assistant mask, image paths."""
-    messages = record_messages(record)
+def record_images(record: dict) -> list[str]:
+    """The image paths of a record (``images``, or a single ``image``), as written."""
     images = record.get("images", [record["image"]] if "image" in record else [])
     if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
         raise RecordError("'images' is not a list of paths")
+    return images
+
+
+def encode_conversation(tokenizer: Tokenizer, record: dict,
+                        image_ids: Callable[[int], Sequence[int]]
+                        ) -> tuple[numpy.ndarray, numpy.ndarray, list[str]]:
+    """Token ids, assistant mask and image paths of a record: the ``k``-th ``<image>`` becomes
+    the tokens ``image_ids(k)``, out of the loss."""
+    messages = record_messages(record)
+    images = record_images(record)
     text, spans = assistant_spans(tokenizer, messages)
     pieces = text.split(IMAGE_PLACEHOLDER)
     if len(pieces) - 1 != len(images):
@@ -76,8 +86,8 @@ def encode_conversation(tokenizer: Tokenizer, record: dict, image_token_id: int
         ids.append(piece_ids)
         mask.append(piece_mask)
         if number < len(images):
-            ids.append(numpy.asarray([image_token_id], dtype=numpy.int32))
-            mask.append(numpy.zeros(1, dtype=numpy.uint8))
+            ids.append(numpy.asarray(image_ids(number), dtype=numpy.int32))
+            mask.append(numpy.zeros(len(ids[-1]), dtype=numpy.uint8))
         start += len(piece) + len(IMAGE_PLACEHOLDER)
     ids_array, mask_array = numpy.concatenate(ids), numpy.concatenate(mask)
     if not mask_array.any():
@@ -85,34 +95,72 @@ def encode_conversation(tokenizer: Tokenizer, record: dict, image_token_id: int
     return ids_array, mask_array, images
 
 
-def load_image(path: Path, size: int, sample_id: str,
-               mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
-               ) -> torch.Tensor:
-    """``[3, size, size]`` normalised pixels of an image file; errors name the sample."""
+def open_rgb(path: Path, sample_id: str):
+    """An image file as an RGB PIL image, transparency composited onto white (as
+    transformers' image processors do); a missing or unreadable file names the sample."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
-            image = image.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
+            if "A" in image.getbands() or "transparency" in image.info:
+                image = image.convert("RGBA")
+                white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+                return Image.alpha_composite(white, image).convert("RGB")
+            return image.convert("RGB")
     except FileNotFoundError:
         raise DataError(f"{sample_id}: image {path} not found") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise DataError(f"{sample_id}: image {path} is not a readable image ({error})") from None
+
+
+def load_image(path: Path, size: int, sample_id: str,
+               mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD
+               ) -> torch.Tensor:
+    """``[3, size, size]`` normalised pixels of an image file; errors name the sample."""
+    from PIL import Image
+
+    image = open_rgb(path, sample_id).resize((size, size), Image.Resampling.BICUBIC)
     pixels = torch.from_numpy(numpy.asarray(image, dtype=numpy.float32) / 255.0)
     pixels = (pixels - torch.tensor(mean)) / torch.tensor(std)
     return pixels.permute(2, 0, 1).contiguous()
 
 
-def _check_image(path: Path, sample_id: str) -> None:
+def check_image(path: Path) -> tuple[int, int]:
+    """``(width, height)`` of a readable image file (:class:`RecordError` otherwise)."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as image:
+            size = image.size
             image.verify()
+            return size
     except FileNotFoundError:
         raise RecordError(f"image {path} not found") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as error:
         raise RecordError(f"image {path} is not a readable image ({error})") from None
+
+
+def read_samples[T](path: Path, on_error: str, encode: Callable[[dict, str], T]
+                    ) -> list[T]:
+    """``encode(record, sample_id)`` of every JSON line of ``path``; a record that raises
+    :class:`RecordError` or ``ValueError`` is skipped and listed, or fatal (``on_error``)."""
+    bad = BadRecords(str(path), on_error)
+    samples = []
+    for line, raw in enumerate(path.read_text().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        record: object = None
+        try:
+            record = json.loads(raw)
+            if not isinstance(record, dict):
+                raise RecordError("not a JSON object")
+            samples.append(encode(record, _sample_id(record, line)))
+        except (RecordError, ValueError) as error:
+            bad.add(_sample_id(record, line), str(error))
+    bad.finish()
+    if not samples:
+        raise DataError(f"{path}: no usable sample")
+    return samples
 
 
 class MultimodalSFTDataset(torch.utils.data.Dataset):
@@ -129,31 +177,20 @@ class MultimodalSFTDataset(torch.utils.data.Dataset):
                  on_error: str = "fail"):
         self.path = Path(path)
         self.image_size, self.seq_length, self.pad_id = image_size, seq_length, pad_id
-        bad = BadRecords(str(self.path), on_error)
-        self.samples: list[MultimodalSample] = []
-        for line, raw in enumerate(self.path.read_text().splitlines(), start=1):
-            if not raw.strip():
-                continue
-            record: object = None
-            try:
-                record = json.loads(raw)
-                if not isinstance(record, dict):
-                    raise RecordError("not a JSON object")
-                ids, mask, images = encode_conversation(tokenizer, record, image_token_id)
-                paths = tuple(self.path.parent / p for p in images)
-                for image in paths:
-                    _check_image(image, _sample_id(record, line))
-                length = len(ids) + len(paths) * (image_tokens - 1)
-                if length > seq_length:
-                    raise RecordError(f"{length} tokens with its images expanded, more than "
-                                      f"--seq-length {seq_length}")
-            except (RecordError, ValueError) as error:
-                bad.add(_sample_id(record, line), str(error))
-                continue
-            self.samples.append(MultimodalSample(_sample_id(record, line), ids, mask, paths))
-        bad.finish()
-        if not self.samples:
-            raise DataError(f"{self.path}: no usable sample")
+
+        def encode(record: dict, sample_id: str) -> MultimodalSample:
+            ids, mask, images = encode_conversation(tokenizer, record,
+                                                   lambda k: [image_token_id])
+            paths = tuple(self.path.parent / p for p in images)
+            for image in paths:
+                check_image(image)
+            length = len(ids) + len(paths) * (image_tokens - 1)
+            if length > seq_length:
+                raise RecordError(f"{length} tokens with its images expanded, more than "
+                                  f"--seq-length {seq_length}")
+            return MultimodalSample(sample_id, ids, mask, paths)
+
+        self.samples = read_samples(self.path, on_error, encode)
         self.max_images = max(len(s.images) for s in self.samples)
 
     def __len__(self) -> int:

@@ -80,7 +80,7 @@ class _Batch:
 class _DecodeGraph:
     """A CUDA graph of one roll-layout decode step (captured once per batch size and width)."""
 
-    def __init__(self, step: Callable[[], torch.Tensor], pool) -> None:
+    def __init__(self, step: Callable[[], torch.Tensor]) -> None:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -88,8 +88,10 @@ class _DecodeGraph:
                 step()
         torch.cuda.current_stream().wait_stream(stream)
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the NCCL watchdog thread may query events while this thread captures
-        with torch.cuda.graph(self.graph, pool=pool, capture_error_mode="thread_local"):
+        # thread_local: the NCCL watchdog thread may query events while this thread captures.
+        # Each graph gets its own memory pool: a pool shared with a freed graph is released with
+        # it, and capturing into it again trips the caching allocator.
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             self.logits = step()
 
     def __call__(self) -> torch.Tensor:
@@ -134,7 +136,6 @@ class Generator:
         self.check_every = check_every or (8 if self.device.type == "cuda" else 1)
         self._graphs: dict[tuple[int, int], tuple[_Batch, _DecodeGraph]] = {}
         self.graph_failure: str | None = None  # why the last capture failed, if one did
-        self._graph_pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
 
     # ----------------------------------------------------------------------------------------
     # one forward on this stage (pipeline stages pass activations point to point)
@@ -208,7 +209,7 @@ class Generator:
             self._graphs.clear()  # one graph at a time: its cache is the batch's memory
             batch = self._new_batch(size, width)
             try:
-                graph = _DecodeGraph(lambda: self._roll_step(batch), self._graph_pool)
+                graph = _DecodeGraph(lambda: self._roll_step(batch))
             except RuntimeError as error:  # e.g. an operation that syncs with the host
                 self.graph_failure = f"batch {size}, width {width}: {error}"
                 warnings.warn(f"CUDA graph capture failed ({self.graph_failure}); decoding "

@@ -13,6 +13,7 @@ from megatron_patch.models import (  # noqa: F401
     opt,
     qwen2,
     qwen2_moe,
+    qwen2_vl,
     qwen3,
     qwen3_moe,
     starcoder,

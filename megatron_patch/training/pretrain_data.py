@@ -99,6 +99,7 @@ def data_iterator(dataset, args: argparse.Namespace, consumed_samples: int) -> I
     )
     loader = torch.utils.data.DataLoader(
         dataset, batch_sampler=sampler, num_workers=args.num_workers,
+        collate_fn=getattr(dataset, "collate", None),  # datasets with ragged items batch them
         pin_memory=torch.cuda.is_available(),
         persistent_workers=args.num_workers > 0,
         worker_init_fn=partial(ignore_in_workers, args.exit_signal)

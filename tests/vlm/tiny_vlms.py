@@ -48,3 +48,43 @@ def save_tiny_llava(path: Path, seed: int = 0, **overrides) -> Path:
     init_random_(model)
     model.save_pretrained(path, max_shard_size="100KB")
     return Path(path)
+
+
+# Qwen2-VL / Qwen2.5-VL: 2 ViT layers (hidden 32, 4 heads) over 4x4-pixel patches, merged 2x2
+# into the language model's width 64; Qwen2.5-VL windows of 2x2 merged patches (window_size 16
+# pixels) in layer 0, full attention in layer 1; 2 Qwen2 layers with GQA and M-RoPE sections
+# (2, 3, 3) of the 8 channel pairs.
+QWEN_TEXT = {"hidden_size": 64, "intermediate_size": 96, "num_hidden_layers": 2,
+             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 252,
+             "max_position_embeddings": 256, "rms_norm_eps": 1e-5, "bos_token_id": 0,
+             "eos_token_id": 1, "rope_parameters": {"rope_type": "default",
+                                                    "mrope_section": [2, 3, 3],
+                                                    "rope_theta": 10000.0}}
+QWEN_VISION = {
+    "qwen2_vl": {"depth": 2, "embed_dim": 32, "mlp_ratio": 2, "num_heads": 4, "hidden_size": 64,
+                 "patch_size": 4, "temporal_patch_size": 2, "spatial_merge_size": 2},
+    "qwen2_5_vl": {"depth": 2, "hidden_size": 32, "intermediate_size": 48, "num_heads": 4,
+                   "out_hidden_size": 64, "patch_size": 4, "temporal_patch_size": 2,
+                   "spatial_merge_size": 2, "window_size": 16, "fullatt_block_indexes": [1]},
+}
+QWEN_CLASSES = {"qwen2_vl": (transformers.Qwen2VLConfig,
+                             transformers.Qwen2VLForConditionalGeneration),
+                "qwen2_5_vl": (transformers.Qwen2_5_VLConfig,
+                               transformers.Qwen2_5_VLForConditionalGeneration)}
+
+
+def qwen_vl_config(kind: str = "qwen2_vl", tie: bool = False):
+    """The tiny Qwen2-VL (``kind="qwen2_vl"``) or Qwen2.5-VL (``"qwen2_5_vl"``) config."""
+    config_class = QWEN_CLASSES[kind][0]
+    return config_class(text_config=dict(QWEN_TEXT), vision_config=dict(QWEN_VISION[kind]),
+                        image_token_id=IMAGE_TOKEN, tie_word_embeddings=tie)
+
+
+def save_tiny_qwen_vl(path: Path, kind: str = "qwen2_vl", tie: bool = False,
+                      seed: int = 0) -> Path:
+    """Save a random tiny Qwen2-VL / Qwen2.5-VL (sharded safetensors, fp32)."""
+    torch.manual_seed(seed)
+    model = QWEN_CLASSES[kind][1](qwen_vl_config(kind, tie))
+    init_random_(model)
+    model.save_pretrained(path, max_shard_size="100KB")
+    return Path(path)

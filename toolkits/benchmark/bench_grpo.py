@@ -71,7 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     new_tokens = options.max_new_tokens or (4 if options.tiny else 256)
     cmd, env = command(options.tiny, iters, new_tokens, options.nproc, extra)
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
+                            env={**os.environ, "OMP_NUM_THREADS": "1",
+                                 "PYTHONPATH": os.pathsep.join(
+                                     filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
                                  **env})
     found = list(SUMMARY.finditer(result.stdout))
     if result.returncode or not found:

@@ -6,7 +6,8 @@ of FFN 512, top-4 routing, vocabulary 32000 - 0.96B parameters, 0.25B active per
 trains from scratch on mock tokens through ``megatron_patch.training.pretrain`` (sequence
 2048, micro-batch 4, Adam, bf16 with fp32 main gradients), with expert parallelism over the
 GPUs (``--ep``, default all), Transformer Engine's grouped GEMM for the experts when installed
-(``--moe-grouped-gemm``; Megatron-Core's sequential experts otherwise), and prints the median
+(``--moe-grouped-gemm``; otherwise our torch ``grouped_mm`` experts, which fall back to
+Megatron-Core's sequential experts where that kernel does not apply), and prints the median
 tokens/s and TFLOP/s per GPU after warm-up, the loss and the router's load-balancing loss.
 
 GPU:  ``python -m toolkits.benchmark.bench_moe_training [--steps 30] [--nproc N]``
@@ -98,9 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     total, active = parameter_counts(config)
     print(f"Qwen3-MoE {shape}: {total / 1e6:.1f}M parameters, {active / 1e6:.1f}M active; "
           f"{nproc} process(es), EP={ep}, seq {seq}, micro-batch {mbs}", flush=True)
+    from megatron_patch.models.common.grouped_experts import grouped_mm
     from megatron_patch.runtime.backends import available_backends
 
     grouped = gpu and available_backends().transformer_engine
+    experts_label = "torch grouped_mm" if grouped_mm is not None else "sequential"
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         command = [
@@ -130,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{statistics.median(r[2] for r in timed):.1f} tokens/s "
           f"({statistics.median(r[2] for r in timed) / nproc:.1f} per GPU), "
           f"{statistics.median(r[1] for r in timed):.1f} TFLOP/s/GPU; experts: "
-          f"{'Transformer Engine grouped GEMM' if grouped else 'sequential'}; "
+          f"{'Transformer Engine grouped GEMM' if grouped else experts_label}; "
           f"lm loss {rows[0][3]:.4f} -> {rows[-1][3]:.4f}")
     return 0
 

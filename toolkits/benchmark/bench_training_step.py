@@ -85,7 +85,10 @@ def run_hf(opts: argparse.Namespace, compiled: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"step_ms": _median_ms(step, opts.warmup, opts.iters)}
+    step_ms = _median_ms(step, opts.warmup, opts.iters)
+    if opts.profile:
+        _print_profile(step, opts.profile)
+    return {"step_ms": step_ms}
 
 
 def _megatron_argv(opts: argparse.Namespace, fp8: bool, extra: list[str]) -> list[str]:
@@ -146,12 +149,63 @@ def run_mcore(opts: argparse.Namespace, fp8: bool, extra: list[str]) -> dict:
             num_microbatches=get_num_microbatches(), seq_length=opts.seq,
             micro_batch_size=opts.mbs, decoder_seq_length=opts.seq, forward_only=False)
 
-    step_ms = _median_ms(lambda: train_step(state, [Repeat()], gpt_forward_step, args),
-                         opts.warmup, opts.iters)
+    def step() -> None:
+        train_step(state, [Repeat()], gpt_forward_step, args)
+
+    step_ms = _median_ms(step, opts.warmup, opts.iters)
+    if opts.profile:
+        _print_profile(step, opts.profile)
     return {"step_ms": step_ms,
             "fwd_bwd_ms": _median_ms(forward_backward, 2, opts.iters),
             "flops": num_floating_point_operations(args, opts.mbs),
             "fp8": getattr(args, "torchao_float8", None) or ("te" if args.fp8 else None)}
+
+
+_KERNEL_KINDS = (  # (label, substrings of CUDA kernel names), first match wins
+    ("attention", ("cudnn", "fmha", "flash", "attn")),
+    ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "sm90_", "matmul")),
+    ("compiled (triton)", ("triton",)),
+    ("optimizer", ("adam", "foreach", "multi_tensor")),
+    ("cross-entropy/softmax", ("softmax", "log_softmax", "nll", "cross_entropy")),
+)
+
+
+def _kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((label for label, keys in _KERNEL_KINDS if any(k in lowered for k in keys)),
+                "other")
+
+
+def _print_profile(step: Callable[[], None], steps: int) -> None:
+    """Profile ``steps`` steps: GPU-busy share of the wall time, time per kernel kind and the
+    top kernels (lines prefixed ``PROFILE`` so the parent process shows them)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        torch.cuda.synchronize()
+    wall_ms = start.elapsed_time(end) / steps
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_kind: dict[str, float] = {}
+    by_name: dict[str, list[float]] = {}
+    for event in kernels:
+        ms = event.time_range.elapsed_us() / 1e3
+        by_kind[_kernel_kind(event.name)] = by_kind.get(_kernel_kind(event.name), 0.0) + ms
+        by_name.setdefault(event.name, []).append(ms)
+    busy = sum(by_kind.values()) / steps
+    print(f"PROFILE per step: wall {wall_ms:.1f} ms, GPU busy {busy:.1f} ms "
+          f"({busy / wall_ms:.0%}), {len(kernels) / steps:.0f} kernels", flush=True)
+    for kind, ms in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        print(f"PROFILE   {kind:<24}{ms / steps:8.2f} ms", flush=True)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:25]
+    for name, times in top:
+        print(f"PROFILE   {sum(times) / steps:8.2f} ms {len(times) / steps:5.0f}x  {name[:110]}",
+              flush=True)
 
 
 def worker(opts: argparse.Namespace, extra: list[str]) -> None:
@@ -173,6 +227,9 @@ def _spawn(engine: str, argv: list[str]) -> dict:
                "--worker", engine, *argv]
     proc = subprocess.run(command, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    for line in proc.stdout.splitlines():
+        if line.startswith("PROFILE "):
+            print(f"{engine}: {line[len('PROFILE '):]}")
     if proc.returncode or not lines:
         tail = (proc.stdout + proc.stderr)[-3000:]
         print(f"{engine} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
@@ -201,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--engines", default="hf-compile,mcore,mcore-fp8")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile STEPS steps of our engines: GPU-busy share, time per "
+                             "kernel kind, top kernels")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     opts = parser.parse_args(own)
     if opts.worker:

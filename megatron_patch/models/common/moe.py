@@ -20,8 +20,9 @@ A family describes its router with :class:`Router` and its layer pattern as a li
 
 :class:`MoEFamily` builds each layer dense or MoE following ``config.moe_layer_freq`` (Megatron's
 0/1 pattern) and :func:`moe_mlp_rules` gives the per-expert weight mapping. Experts run as
-Megatron-Core's ``SequentialMLP`` on the torch-native spec and as Transformer Engine's grouped
-GEMM with ``--moe-grouped-gemm``; both have the same ``torch_dist`` keys.
+``SequentialMLP``'s modules computed with torch's grouped GEMM on the torch-native spec
+(:mod:`.grouped_experts`) and as Transformer Engine's grouped GEMM with ``--moe-grouped-gemm``;
+both have the same ``torch_dist`` keys.
 """
 
 from __future__ import annotations

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 from megatron.core.extensions.transformer_engine import HAVE_TE
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
@@ -9,9 +11,11 @@ from megatron.core.models.gpt.gpt_layer_specs import (
     get_gpt_layer_with_transformer_engine_spec,
     get_mlp_module_spec_for_backend,
 )
+from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -26,6 +30,7 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_patch.models.common.attention import SDPAttention
+from megatron_patch.models.common.grouped_experts import GroupedGemmExperts
 from megatron_patch.models.common.norm import PatchNorm
 
 # Same key mapping as Megatron's own local spec, so torch_dist checkpoints written with the
@@ -46,6 +51,11 @@ class TorchSpecProvider(LocalSpecProvider):
     def core_attention(self) -> type:
         """Core attention module."""
         return SDPAttention
+
+    def grouped_mlp_modules(self, moe_use_grouped_gemm: bool):
+        """Routed experts: ``SequentialMLP``'s modules computed with grouped GEMMs."""
+        return partial(GroupedGemmExperts, submodules=MLPSubmodules(
+            linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear))
 
 
 def use_transformer_engine() -> bool:
@@ -100,7 +110,7 @@ def build_layer_spec(
 
 
 def torch_mlp_spec(config: TransformerConfig, experts: int | None) -> MlpBuilder:
-    """Torch-native dense MLP (``experts`` None) or MoE layer with sequential experts."""
+    """Torch-native dense MLP (``experts`` None) or MoE layer with grouped-GEMM experts."""
     return get_mlp_module_spec_for_backend(
         backend=TorchSpecProvider(), num_experts=experts, moe_grouped_gemm=config.moe_grouped_gemm)
 

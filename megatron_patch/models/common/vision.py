@@ -1,7 +1,9 @@
 """Shared pieces of vision-language families: vision-tower configs and specs, rule helpers.
 
 A vision-language model is Megatron-Core's ``LLaVAModel`` (vision tower, projector, language
-model) whose language model is a registered text family. Its weight mapping reuses the text
+model), or a family's own module of the same parts (Qwen2-VL:
+:mod:`megatron_patch.models.qwen2_vl.model`), whose language model is a registered text
+family. Its weight mapping reuses the text
 family's rules under a prefix (:func:`renamed`); rules of the vision tower and projector carry
 their own ``TransformerConfig`` (:class:`OwnConfig`: attention heads differ from the language
 model's), and vocabulary-sized rules pad and strip their rows (:class:`VocabRows`).
@@ -16,6 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
+from megatron.core.activations import quick_gelu
 from megatron.core.models.multimodal.llava_model import LLaVAModel
 from megatron.core.models.vision.clip_vit_model import CLIPViTModel
 from megatron.core.models.vision.multimodal_projector import MultimodalProjector
@@ -25,11 +29,28 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, FusedQKV, Index, Rule, Tensors
+from megatron_patch.conversion.mapping import (
+    Direct,
+    FusedQKV,
+    GatedMLP,
+    Index,
+    Rule,
+    StackedQKV,
+    Tensors,
+)
 from megatron_patch.models.common.norm import PatchNorm
 from megatron_patch.models.common.spec import build_layer_spec
 
 _HF_FIELDS = ("hf", "q", "k", "v", "gate", "up")
+
+
+def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    return F.gelu(x, approximate="tanh")
+
+
+# transformers' ``hidden_act`` names of vision towers -> the functions
+VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh,
+                      "silu": F.silu}
 
 
 def renamed(rules: list[Rule], megatron: str, hf: Callable[[str], str]) -> list[Rule]:
@@ -61,6 +82,29 @@ class ClassToken:
     def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
         """Drop the two leading axes."""
         return {self.hf: tensor.reshape(-1).contiguous()}
+
+
+@dataclass(frozen=True)
+class Reshaped:
+    """One HF tensor is one Megatron tensor of the same elements in another shape (e.g. a
+    3-D convolution over exactly one patch as a linear map of the flattened patch)."""
+
+    megatron: str
+    hf: str
+    megatron_shape: tuple[int, ...]
+    hf_shape: tuple[int, ...]
+
+    def hf_names(self, layer: Index) -> list[str]:
+        """The HF tensor name."""
+        return [self.hf]
+
+    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
+        """The HF tensor in the Megatron shape."""
+        return {self.megatron: hf[self.hf].reshape(self.megatron_shape)}
+
+    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
+        """The Megatron tensor in the HF shape."""
+        return {self.hf: tensor.reshape(self.hf_shape).contiguous()}
 
 
 @dataclass(frozen=True)
@@ -138,36 +182,43 @@ def encoder_config(base: TransformerConfig, **fields: Any) -> TransformerConfig:
 
 
 def bidirectional_layer_spec(config: TransformerConfig,
-                             transformer_engine: bool | None = None) -> ModuleSpec:
-    """The shared layer spec with attention over all tokens (a ViT layer)."""
+                             transformer_engine: bool | None = None,
+                             mask_type: AttnMaskType = AttnMaskType.no_mask) -> ModuleSpec:
+    """The shared layer spec with attention over all tokens (a ViT layer); ``mask_type``
+    ``arbitrary`` where the caller passes a mask (e.g. keeping images apart)."""
     spec = build_layer_spec(config, transformer_engine=transformer_engine, moe=False)
     attention = spec.submodules.self_attention
     attention = dataclasses.replace(
-        attention, params={**attention.params, "attn_mask_type": AttnMaskType.no_mask})
+        attention, params={**attention.params, "attn_mask_type": mask_type})
     return dataclasses.replace(
         spec, submodules=dataclasses.replace(spec.submodules, self_attention=attention))
 
 
-def vit_layer_rules(megatron: str, hf: str, config: TransformerConfig, names: dict[str, str]
-                    ) -> list[Rule]:
-    """Rules of a pre-norm ViT layer with LayerNorms and biases everywhere.
+def vit_layer_rules(megatron: str, hf: str, config: TransformerConfig, names: dict[str, str],
+                    norm_bias: bool = True) -> list[Rule]:
+    """Rules of a pre-norm ViT layer with biases on every linear layer.
 
     ``megatron`` / ``hf``: the layer prefixes with ``*`` for the index; ``names`` gives the HF
-    names of ``norm1 q k v o norm2 fc1 fc2`` under ``hf``.
+    names under ``hf`` of ``norm1 o norm2 fc2``, of ``q k v`` (separate projections) or ``qkv``
+    (one ``[q; k; v]`` tensor), and of ``fc1`` or ``gate up`` (a gated MLP). ``norm_bias``:
+    the norms have a bias (LayerNorm; RMSNorm has none).
     """
     rules: list[Rule] = []
     for suffix in ("weight", "bias"):
         def n(key: str, suffix: str = suffix) -> str:
             return f"{hf}{names[key]}.{suffix}"
+        qkv = f"{megatron}self_attention.linear_qkv.{suffix}"
+        fc1 = f"{megatron}mlp.linear_fc1.{suffix}"
         rules += [
-            Direct(f"{megatron}input_layernorm.{suffix}", n("norm1")),
-            OwnConfig(FusedQKV(f"{megatron}self_attention.linear_qkv.{suffix}",
-                               n("q"), n("k"), n("v")), config),
+            OwnConfig(StackedQKV(qkv, n("qkv")) if "qkv" in names
+                      else FusedQKV(qkv, n("q"), n("k"), n("v")), config),
             Direct(f"{megatron}self_attention.linear_proj.{suffix}", n("o")),
-            Direct(f"{megatron}pre_mlp_layernorm.{suffix}", n("norm2")),
-            Direct(f"{megatron}mlp.linear_fc1.{suffix}", n("fc1")),
+            GatedMLP(fc1, n("gate"), n("up")) if "gate" in names else Direct(fc1, n("fc1")),
             Direct(f"{megatron}mlp.linear_fc2.{suffix}", n("fc2")),
         ]
+        if norm_bias or suffix == "weight":
+            rules += [Direct(f"{megatron}input_layernorm.{suffix}", n("norm1")),
+                      Direct(f"{megatron}pre_mlp_layernorm.{suffix}", n("norm2"))]
     return rules
 
 
@@ -195,16 +246,22 @@ class VisionLanguage:
             after the feature layer, the tower's last norm); kept beside the checkpoint.
         build: ``(hf_config, args, lm_config, pre_process, post_process, add_encoder,
             vp_stage, transformer_engine)`` -> the Megatron model chunk.
-        image_tokens: embeddings each image contributes to the language model's sequence.
+        image_tokens: embeddings each image contributes to the language model's sequence; None
+            where it depends on the image (Qwen2-VL's dynamic resolution).
         image_token_id: the token id of the image placeholder.
+        verify_batch: ``(hf_config, batch_size, text_length, seed)`` -> the random image+text
+            batch ``verify`` feeds both models
+            (:class:`~megatron_patch.conversion.verify_vlm.VerifyBatch`); None: one image of
+            ``image_tokens`` embeddings per sample behind one placeholder (LLaVA).
     """
 
     text_family: Callable[[dict], Any]
     rules: Callable[..., list[Rule]]
     unused: Callable[[dict, list[str]], list[str]]
     build: Callable[..., torch.nn.Module]
-    image_tokens: Callable[[dict], int]
+    image_tokens: Callable[[dict], int] | None
     image_token_id: Callable[[dict], int]
+    verify_batch: Callable[..., Any] | None = None
 
 
 class _DropLLaVANotice(logging.Filter):

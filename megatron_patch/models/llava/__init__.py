@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-import torch
 import torch.nn.functional as F
-from megatron.core.activations import quick_gelu
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.conversion.mapping import Direct, Rule
 from megatron_patch.models.common.hf_config import UnsupportedConfigError
 from megatron_patch.models.common.vision import (
+    VISION_ACTIVATIONS,
     ClassToken,
     PatchLLaVAModel,
     VisionLanguage,
@@ -37,12 +36,6 @@ from megatron_patch.models.registry import HFConfig, ModelFamily, get_family, re
 _TEXT_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 _TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 
-
-def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    return F.gelu(x, approximate="tanh")
-
-
-_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh}
 _VIT_NAMES = {"norm1": "layer_norm1", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
               "v": "self_attn.v_proj", "o": "self_attn.out_proj", "norm2": "layer_norm2",
               "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
@@ -83,7 +76,7 @@ def vision(hf: HFConfig) -> dict[str, Any]:
         "heads": vc.get("num_attention_heads", 12), "eps": vc.get("layer_norm_eps", 1e-5),
         "layers": vc.get("num_hidden_layers", 12), "image_size": size, "patch": patch,
         "used_layers": used_vision_layers(vc.get("num_hidden_layers", 12), layer),
-        "act": _ACTIVATIONS[_pick(vc, "hidden_act", _ACTIVATIONS, "quick_gelu")],
+        "act": VISION_ACTIVATIONS[_pick(vc, "hidden_act", VISION_ACTIVATIONS, "quick_gelu")],
         "tower": tower, "drop_cls": strategy == "default",
         "projector_bias": hf.get("multimodal_projector_bias", True),
     }
