@@ -13,9 +13,8 @@ from megatron_patch.conversion import ConversionError, convert_hf_to_mcore, conv
 from megatron_patch.models.common.hf_config import UnsupportedConfigError
 from megatron_patch.models.llava import hf_to_megatron
 from tests.conversion.tiny_models import read_safetensors
-from tests.launch import run_module
 from tests.vlm.conftest import VARIANTS
-from tests.vlm.tiny_vlms import llava_config
+from tests.vlm.tiny_vlms import llava_config, run_worker_cases
 
 TOLERANCE = 1e-5
 # flags -> which of (language model, vision tower, projector) still train
@@ -135,12 +134,7 @@ def parity(llava_models, llava_converted, tmp_path_factory) -> dict[str, float]:
     cases += [{"id": f"freeze-{name}", "hf": str(llava_models["default"]),
                "mcore": str(llava_converted["default"]), "tp": 2, "freeze": flags}
               for name, (flags, _) in FREEZING.items()]
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    run_module("tests.vlm.vlm_worker", [str(tmp / "cases.json"), str(tmp / "out.json")],
-               nproc=2)
-    results = json.loads((tmp / "out.json").read_text())
-    print("\n".join(f"  {case:24s} {value}" for case, value in results.items()))
-    return results
+    return run_worker_cases(cases, tmp)
 
 
 @pytest.mark.distributed

@@ -65,30 +65,39 @@ def _chat(question="<image>\nWhat is it?"):
     return [{"from": "human", "value": question}, {"from": "gpt", "value": "A shape."}]
 
 
-BAD = {
-    "missing": ({"id": "m1", "images": ["images/nope.png"], "conversations": _chat()},
-                r"sample 'm1' \(line 2\): image .*nope.png not found"),
-    "corrupt": ({"id": "c1", "images": ["broken.png"], "conversations": _chat()},
-                r"sample 'c1' \(line 2\): image .*broken.png is not a readable image"),
-    "count": ({"id": "n1", "images": ["images/red_square.png"],
-               "conversations": _chat("<image><image> two?")},
-              r"sample 'n1' \(line 2\): 2 <image> placeholders but 1 images"),
-    "too-long": ({"id": "l1", "images": ["images/red_square.png"] * 6,
-                  "conversations": _chat("<image>" * 6)},
-                 r"sample 'l1' \(line 2\): .* more than --seq-length 96"),
-}
+def bad_records(long_image: str, seq_length: int) -> dict:
+    """case -> (bad record, the error it must raise) for a dataset of ``seq_length``."""
+    return {
+        "missing": ({"id": "m1", "images": ["images/nope.png"], "conversations": _chat()},
+                    r"sample 'm1' \(line 2\): image .*nope.png not found"),
+        "corrupt": ({"id": "c1", "images": ["broken.png"], "conversations": _chat()},
+                    r"sample 'c1' \(line 2\): image .*broken.png is not a readable image"),
+        "count": ({"id": "n1", "images": ["images/red_square.png"],
+                   "conversations": _chat("<image><image> two?")},
+                  r"sample 'n1' \(line 2\): 2 <image> placeholders but 1 images"),
+        "too-long": ({"id": "l1", "images": [f"images/{long_image}"] * 6,
+                      "conversations": _chat("<image>" * 6)},
+                     rf"sample 'l1' \(line 2\): .* more than --seq-length {seq_length}"),
+    }
+
+
+def check_bad_sample_is_named(tmp_path, capsys, record, message, dataset) -> None:
+    """A bad record after a good one fails naming it, or is skipped and listed."""
+    good = {"id": "ok", "images": ["images/red_square.png"], "conversations": _chat()}
+    path = _write(tmp_path, [good, record])
+    with pytest.raises(DataError, match=message):
+        dataset(path)
+    data = dataset(path, on_error="skip")
+    assert [s.sample_id for s in data.samples] == ["sample 'ok' (line 1)"]
+    assert "skipped sample" in capsys.readouterr().err
+
+
+BAD = bad_records("red_square.png", 96)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_sample_is_named(tmp_path, case, capsys):
-    good = {"id": "ok", "images": ["images/red_square.png"], "conversations": _chat()}
-    record, message = BAD[case]
-    path = _write(tmp_path, [good, record])
-    with pytest.raises(DataError, match=message):
-        _dataset(path)
-    data = _dataset(path, on_error="skip")
-    assert [s.sample_id for s in data.samples] == ["sample 'ok' (line 1)"]
-    assert "skipped sample" in capsys.readouterr().err
+    check_bad_sample_is_named(tmp_path, capsys, *BAD[case], _dataset)
 
 
 def test_image_removed_after_loading_is_named(tmp_path):

@@ -16,9 +16,8 @@ from safetensors.torch import load_file, save_file
 from megatron_patch.conversion import ConversionError, convert_hf_to_mcore, convert_mcore_to_hf
 from megatron_patch.models import qwen2_vl
 from tests.conversion.tiny_models import read_safetensors
-from tests.launch import run_module
 from tests.vlm.test_llava_conversion import assert_identical
-from tests.vlm.tiny_vlms import save_tiny_qwen_vl
+from tests.vlm.tiny_vlms import run_worker_cases, save_tiny_qwen_vl
 
 TOLERANCE = 1e-5
 # kind -> tied embeddings (Qwen2-VL-2B ties them; the larger models do not)
@@ -158,12 +157,7 @@ def parity(qwen_models, qwen_converted, tmp_path_factory) -> dict:
                "mcore": str(qwen_converted["qwen2_5_vl"]), "tp": 2, "freeze": flags}
               for name, (flags, _) in FREEZING.items()]
     cases += _resave_cases(qwen_models, qwen_converted, tmp, ((2, 1), (1, 2)))
-    (tmp / "cases.json").write_text(json.dumps(cases))
-    run_module("tests.vlm.vlm_worker", [str(tmp / "cases.json"), str(tmp / "out.json")],
-               nproc=2)
-    results = json.loads((tmp / "out.json").read_text())
-    print("\n".join(f"  {case:24s} {value}" for case, value in results.items()))
-    return results
+    return run_worker_cases(cases, tmp)
 
 
 @pytest.mark.distributed
@@ -210,9 +204,6 @@ def test_tp2_pp2(qwen_models, qwen_converted, tmp_path):
     cases = [{"id": "parity", "hf": str(qwen_models[kind]), "mcore": str(qwen_converted[kind]),
               "tp": 2, "pp": 2},
              *_resave_cases(qwen_models, qwen_converted, tmp_path, ((2, 2),), kinds=(kind,))]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    run_module("tests.vlm.vlm_worker", [str(tmp_path / "cases.json"),
-                                        str(tmp_path / "out.json")], nproc=4)
-    results = json.loads((tmp_path / "out.json").read_text())
+    results = run_worker_cases(cases, tmp_path, nproc=4)
     assert results["parity"] <= TOLERANCE, f"max abs logits diff {results['parity']:.3e}"
     _assert_resaved_identical(qwen_models, results, tmp_path)

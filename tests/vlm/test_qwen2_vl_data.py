@@ -16,7 +16,13 @@ from megatron_patch.data.qwen2_vl import Qwen2VLSFTDataset, VisionTokens
 from megatron_patch.data.qwen2_vl_images import ImagePatcher, image_patcher
 from megatron_patch.models.qwen2_vl import demo
 from megatron_patch.tokenizer import TinyTokenizer
-from tests.vlm.test_multimodal_data import ASSETS, _chat
+from tests.vlm.test_multimodal_data import (
+    ASSETS,
+    _chat,
+    _write,
+    bad_records,
+    check_bad_sample_is_named,
+)
 
 SIZED = ["red_circle_56x32.png", "green_square_24x48.png", "blue_triangle_48x48.png",
          "yellow_circle_40x24.png", "red_square.png"]
@@ -138,38 +144,12 @@ def test_packing_keeps_every_sample_whole():
         assert torch.equal(item["pixel_values"], torch.cat(pixels))
 
 
-def _write(tmp_path, records):
-    shutil.copytree(ASSETS / "images", tmp_path / "images")
-    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
-    path = tmp_path / "data.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
-    return path
-
-
-BAD = {
-    "missing": ({"id": "m1", "images": ["images/nope.png"], "conversations": _chat()},
-                r"sample 'm1' \(line 2\): image .*nope.png not found"),
-    "corrupt": ({"id": "c1", "images": ["broken.png"], "conversations": _chat()},
-                r"sample 'c1' \(line 2\): image .*broken.png is not a readable image"),
-    "count": ({"id": "n1", "images": ["images/red_square.png"],
-               "conversations": _chat("<image><image> two?")},
-              r"sample 'n1' \(line 2\): 2 <image> placeholders but 1 images"),
-    "too-long": ({"id": "l1", "images": ["images/blue_triangle_48x48.png"] * 6,
-                  "conversations": _chat("<image>" * 6)},
-                 r"sample 'l1' \(line 2\): 1\d\d tokens .* more than --seq-length 160"),
-}
+BAD = bad_records("blue_triangle_48x48.png", 160)
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
 def test_bad_sample_is_named(tmp_path, case, capsys):
-    good = {"id": "ok", "images": ["images/red_square.png"], "conversations": _chat()}
-    record, message = BAD[case]
-    path = _write(tmp_path, [good, record])
-    with pytest.raises(DataError, match=message):
-        _dataset(path)
-    data = _dataset(path, on_error="skip")
-    assert [s.sample_id for s in data.samples] == ["sample 'ok' (line 1)"]
-    assert "skipped sample" in capsys.readouterr().err
+    check_bad_sample_is_named(tmp_path, capsys, *BAD[case], _dataset)
 
 
 def test_image_replaced_after_loading_is_named(tmp_path):

@@ -88,3 +88,18 @@ def save_tiny_qwen_vl(path: Path, kind: str = "qwen2_vl", tie: bool = False,
     init_random_(model)
     model.save_pretrained(path, max_shard_size="100KB")
     return Path(path)
+
+
+def run_worker_cases(cases: list[dict], tmp: Path, nproc: int = 2) -> dict:
+    """Run ``cases`` in ``tests.vlm.vlm_worker`` on ``nproc`` ranks; case id -> result."""
+    import json
+
+    from tests.launch import run_module
+
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    run_module("tests.vlm.vlm_worker", [str(tmp / "cases.json"), str(tmp / "out.json")],
+               nproc=nproc)
+    results = json.loads((tmp / "out.json").read_text())
+    print("\n".join(f"  {case:24s} {value}" for case, value in results.items()))
+    return results
+
