@@ -102,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     rows = PairRows(pairs, args.train_iters * args.global_batch_size, args.seq_length,
                     tokenizer.pad, args.seed)
     print_rank_0(f"> preference data: {len(pairs)} pairs")
-    reference = None if args.dpo_reference_free else build_reference(args, state.model)
+    reference = None if args.dpo_reference_free else build_reference(args, state)
     data = data_iterator(rows, args, args.consumed_train_samples)
     reference_step = partial(reference_forward_step, context=context)
 

@@ -164,7 +164,7 @@ class Rollouts:
                                      top_k=max(args.rl_default_top_k, 0),
                                      top_p=args.rl_default_top_p or 1.0, seed=args.seed)
         self.stop = StopChecker(tokenizer, [tokenizer.eod])
-        self.reference = build_reference(args, state.model) if self.kl_weight() > 0 else None
+        self.reference = build_reference(args, state) if self.kl_weight() > 0 else None
         self.reward_model = None
         if args.reward_model:
             self.reward_model = build_frozen(args, args.reward_model, add_value_head)

@@ -20,8 +20,9 @@ in ``[1 - --grpo-clamp-eps-lower, 1 + --grpo-clamp-eps-upper]``). Each rollout s
 ``--grpo-iterations`` steps of both. Logged per iteration: ``ppo loss``, ``reward`` (sequence
 rewards), ``kl`` (per-token mean of the sampled log-ratio), ``clip fraction``, ``value loss``
 and ``value clip fraction`` (the critic's step of that iteration). Printed per log interval:
-rollout tokens/s and trained tokens/s (critic + policy updates). The critic is not saved
-(``--save`` holds the policy).
+rollout tokens/s and trained tokens/s (critic + policy updates). The critic is saved with
+each policy checkpoint, into ``--save/critic`` (same iteration, written before the policy's);
+resuming from ``--load`` continues it with its optimizer state.
 """
 
 from __future__ import annotations
@@ -30,12 +31,14 @@ import argparse
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
 from megatron.core.utils import unwrap_model
 from megatron.training.utils import print_rank_0
 
+from megatron_patch.training.checkpoint import iteration_dir
 from megatron_patch.training.logging import print_rank_last
 from megatron_patch.training.loop import (
     TrainState,
@@ -146,17 +149,38 @@ def value_forward_step(data_iterator: Iterator, model: torch.nn.Module):
     return sequence_scores(model, batch), collect_outputs("values")
 
 
-def build_critic(args: argparse.Namespace, policy: list[torch.nn.Module]) -> TrainState:
+CRITIC = "critic"  # the critic's checkpoints: a subdirectory of the policy's
+
+
+def _resumed_critic(args: argparse.Namespace, iteration: int) -> Path | None:
+    """``--load/critic`` when the policy resumed its own run (not ``--finetune``) at
+    ``iteration``; None for a fresh start. A resumed run without it is an error."""
+    if not args.load or args.finetune or not iteration:
+        return None
+    directory = Path(args.load) / CRITIC
+    if not iteration_dir(directory, iteration).is_dir():
+        raise FileNotFoundError(
+            f"{args.load} resumes PPO at iteration {iteration} but "
+            f"{iteration_dir(directory, iteration)} (the critic of that iteration) is missing; "
+            "add --finetune to start a new run from these policy weights")
+    return directory
+
+
+def build_critic(args: argparse.Namespace, policy: TrainState) -> TrainState:
     """The critic: value-head model sharded like the policy, with its own optimizer and LR
-    schedule, from ``--critic-load`` / ``--reward-model`` or the initial policy."""
-    source = args.critic_load or args.reward_model
-    with _overridden(args, load=source, finetune=True, no_load_optim=True, no_load_rng=True,
+    schedule, from ``--critic-load`` / ``--reward-model`` or the initial policy; a resumed run
+    continues the critic saved with the policy's checkpoint (``--load/critic``)."""
+    resumed = _resumed_critic(args, policy.iteration)
+    source = str(resumed) if resumed else args.critic_load or args.reward_model
+    with _overridden(args, load=source, finetune=not resumed, no_load_optim=not resumed,
+                     no_load_rng=True, ckpt_step=policy.iteration if resumed else None,
                      lr=args.critic_lr or args.lr,
                      consumed_train_samples=args.consumed_train_samples,
                      consumed_valid_samples=args.consumed_valid_samples):
         critic = setup_model_and_optimizer(args, add_value_head)
+    policy.companions[CRITIC] = critic
     if not source:
-        copy_weights(policy, critic.model)
+        copy_weights(policy.model, critic.model)
         with torch.no_grad():
             for chunk in critic.model:
                 head = getattr(unwrap_model(chunk), VALUE_HEAD, None)
@@ -166,7 +190,8 @@ def build_critic(args: argparse.Namespace, policy: list[torch.nn.Module]) -> Tra
     _configure_model_hooks(critic)
     for chunk in critic.model:
         chunk.train()
-    print_rank_0(f"> critic: {source or 'the initial policy with a zero value head'}")
+    print_rank_0(f"> critic: {source or 'the initial policy with a zero value head'}"
+                 + (f" (iteration {critic.iteration})" if resumed else ""))
     return critic
 
 
@@ -241,7 +266,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     args = parse_rlhf_args(argv, add_ppo_flags, "rlhf.ppo")
     reward_fn = rollout_reward_fn(args, "rlhf.ppo")
     state, tokenizer, vocab_rows = setup(args)
-    critic = build_critic(args, state.model)
+    critic = build_critic(args, state)
     context = LogprobContext(vocab_rows, args.rl_default_temperature or 1.0)
     prompts = read_prompts(args.train_data, tokenizer, args.seq_length - args.max_new_tokens,
                            args.on_error)

@@ -112,14 +112,19 @@ def build_frozen(args: argparse.Namespace, source: str,
     return frozen
 
 
-def build_reference(args: argparse.Namespace, policy: list[torch.nn.Module]
-                    ) -> list[torch.nn.Module]:
+def build_reference(args: argparse.Namespace, policy: TrainState) -> list[torch.nn.Module]:
     """The frozen reference model: ``--ref-load`` (else ``--load``) weights only, else a copy of
-    the policy's current weights."""
+    the policy's current weights. A run resumed from its own checkpoint (``--load`` without
+    ``--finetune``) needs ``--ref-load``: its ``--load`` holds the trained policy, not the
+    reference."""
+    if args.load and not args.finetune and policy.iteration and not args.ref_load:
+        raise ValueError(f"resuming from {args.load} at iteration {policy.iteration}: its weights "
+                         "are the trained policy, not the reference; pass --ref-load with the "
+                         "checkpoint the run started from")
     source = args.ref_load or args.load
     reference = build_frozen(args, source)
     if not source:
-        copy_weights(policy, reference)
+        copy_weights(policy.model, reference)
     print_rank_0(f"> reference model: {source or 'a copy of the initial policy'}")
     return reference
 

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 
 import torch
 from megatron.core import parallel_state
@@ -65,7 +66,8 @@ class TrainState:
     scheduler: object
     iteration: int = 0
     flops_so_far: float = 0.0
-    extras: dict = field(default_factory=dict)
+    # states trained alongside this one (e.g. PPO's critic): saved with each of its checkpoints
+    companions: dict[str, TrainState] = field(default_factory=dict)
 
 
 def setup_model_and_optimizer(
@@ -284,5 +286,17 @@ def train(state: TrainState, train_iterators: list, valid_iterators: list | None
 
 
 def save(state: TrainState) -> None:
-    """Write a Megatron checkpoint for ``state.iteration``, crash-safe (see :mod:`.checkpoint`)."""
-    save_checkpoint_atomic(state, get_args())
+    """Write a Megatron checkpoint for ``state.iteration``, crash-safe (see :mod:`.checkpoint`).
+
+    Each companion state is saved first, into ``--save/<name>``: when the run's tracker names
+    an iteration, its companions' checkpoints of that iteration are complete.
+    """
+    args = get_args()
+    root = args.save
+    try:
+        for name, companion in state.companions.items():
+            args.save = str(Path(root) / name)
+            save_checkpoint_atomic(companion, args)
+    finally:
+        args.save = root
+    save_checkpoint_atomic(state, args)

@@ -93,3 +93,31 @@ def test_ppo_critic_from_reward_model_at_pp2(rlhf_models, tmp_path):
     assert sorted(values) == sorted(rewards) == list(range(1, iterations + 1)), out[-2000:]
     # reward-model scores are not the rule-based 0/0.2/1: the reward model scored the rollouts
     assert all(0 < values[i] < 100 for i in values) and len(set(rewards.values())) > 1
+
+
+@pytest.mark.distributed
+def test_ppo_resume_continues_the_critic(rlhf_models, tmp_path):
+    """A run stopped after its iteration-2 checkpoint and resumed logs iterations 3-4 exactly as
+    the uninterrupted run: the critic (weights and optimizer) is saved with the policy."""
+    hf_policy, policy = map(str, rlhf_models["policy"])
+    flags = [*COMMON, *PPO, "--reward-fn", "tests.rlhf.logs:signed_leading_number",
+             "--seq-length", "16", "--grpo-group-size", "1", "--micro-batch-size", "8",
+             "--global-batch-size", "8", "--lr", "1e-2", "--critic-lr", "1e-2",
+             "--save-interval", "2"]
+    start = ["--load", policy, "--finetune", "--no-load-optim", "--no-load-rng"]
+    full = run_module("rlhf.ppo", [*flags, *start, "--train-iters", "4",
+                                   "--save", str(tmp_path / "full")]).stdout
+    run_module("rlhf.ppo", [*flags, *start, "--train-iters", "4", "--exit-interval", "2",
+                            "--save", str(tmp_path / "run")])
+    assert (tmp_path / "run" / "critic" / "iter_0000002").is_dir()
+    # a training checkpoint has no conversion metadata: the architecture comes from the HF config
+    resume = [*flags, "--train-iters", "4", "--load", str(tmp_path / "run"),
+              "--save", str(tmp_path / "run"), "--hf-config-path", hf_policy,
+              "--make-vocab-size-divisible-by", "2"]
+    with pytest.raises(AssertionError, match="pass --ref-load"):  # --load is the trained policy
+        run_module("rlhf.ppo", resume)
+    resumed = run_module("rlhf.ppo", [*resume, "--ref-load", policy]).stdout
+    assert "(iteration 2)" in resumed
+    for key in ("value loss", "ppo loss", "reward", "kl"):
+        expected = logged(full, key)
+        assert logged(resumed, key) == {3: expected[3], 4: expected[4]}, key
