@@ -361,8 +361,10 @@ def test_every_family_has_a_run_mcore_launcher(tmp_path):
     from megatron_patch.models.registry import get_family, registered_families
 
     examples = Path(__file__).resolve().parents[1] / "examples"
+    launchers = {"qwen2_vl": "qwen2_5_vl"}  # one script for Qwen2-VL and Qwen2.5-VL
     for family in registered_families():
-        script = examples / family / f"run_mcore_{family}.sh"
+        name = launchers.get(family, family)
+        script = examples / name / f"run_mcore_{name}.sh"
         assert script.is_file(), script
         if "vlm" in get_family(family).extra:  # vision-language: own launcher (tests/vlm)
             continue
