@@ -21,7 +21,13 @@ from megatron.training.utils import print_rank_0
 from megatron_patch.training.loop import next_batch
 from megatron_patch.training.pretrain_data import data_iterator
 from rlhf.data import PairRows, read_pairs
-from rlhf.logprobs import LogprobContext, collect_outputs, forward_logprobs, masked_sum
+from rlhf.logprobs import (
+    LogprobContext,
+    collect_outputs,
+    forward_logprobs,
+    masked_sum,
+    policy_forward_step,
+)
 from rlhf.losses import DPO_LOSSES, dpo_loss
 from rlhf.trainer import (
     build_reference,
@@ -77,13 +83,6 @@ def dpo_loss_func(batch: dict[str, torch.Tensor], args: argparse.Namespace,
     return losses.sum(), pairs.to(torch.int), reported
 
 
-def dpo_forward_step(data_iterator: Iterator, model: torch.nn.Module, *,
-                     context: LogprobContext, args: argparse.Namespace):
-    """Megatron forward step of the policy."""
-    batch = next_batch(data_iterator)
-    return forward_logprobs(model, batch, context), partial(dpo_loss_func, batch, args)
-
-
 def reference_forward_step(data_iterator: Iterator, model: torch.nn.Module, *,
                            context: LogprobContext):
     """Forward step of the reference model: summed answer log-probabilities per row."""
@@ -114,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                 batch["reference_logps"] = out["logps"]
         queue.fill(batches)
 
-    return run(state, args, partial(dpo_forward_step, context=context, args=args), before_step)
+    forward_step = partial(policy_forward_step, context=context, loss_func=dpo_loss_func,
+                           args=args)
+    return run(state, args, forward_step, before_step)
 
 
 if __name__ == "__main__":

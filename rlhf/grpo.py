@@ -40,7 +40,13 @@ from megatron_patch.generation.stopping import StopChecker
 from megatron_patch.training.logging import print_rank_last
 from megatron_patch.training.loop import TrainState, next_batch
 from rlhf.data import PromptRecord, read_prompts, sequence_rows
-from rlhf.logprobs import LogprobContext, collect_outputs, forward_logprobs, masked_sum
+from rlhf.logprobs import (
+    LogprobContext,
+    collect_outputs,
+    forward_logprobs,
+    masked_sum,
+    policy_forward_step,
+)
 from rlhf.losses import clipped_policy_loss, group_advantages, kl_k3
 from rlhf.reward_model import add_value_head, score_forward_step
 from rlhf.rewards import RewardFn, load_reward_fn
@@ -100,13 +106,6 @@ def grpo_loss_func(batch: dict[str, torch.Tensor], args: argparse.Namespace,
         "grpo loss": report(losses), "reward": report(batch["rewards"]), "kl": report(kl),
         "clip fraction": report(masked_sum(clipped, mask) / lengths),
         "completion length": report(mask.sum(dim=-1))}
-
-
-def grpo_forward_step(data_iterator: Iterator, model: torch.nn.Module, *,
-                      context: LogprobContext, args: argparse.Namespace):
-    """Megatron forward step of the policy."""
-    batch = next_batch(data_iterator)
-    return forward_logprobs(model, batch, context), partial(grpo_loss_func, batch, args)
 
 
 def logprob_forward_step(data_iterator: Iterator, model: torch.nn.Module, *,
@@ -296,7 +295,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                            args.on_error)
     print_rank_0(f"> prompts: {len(prompts)}")
     rollouts = Rollouts(args, state, tokenizer, vocab_rows, prompts, reward_fn, context)
-    losses = run(state, args, partial(grpo_forward_step, context=context, args=args), rollouts)
+    forward_step = partial(policy_forward_step, context=context, loss_func=grpo_loss_func,
+                           args=args)
+    losses = run(state, args, forward_step, rollouts)
     print_rank_last(f" GRPO throughput: {rollouts.timing.summary()}")
     return losses
 

@@ -7,12 +7,16 @@ model's forward, pipeline schedule and checkpoint layout stay Megatron-Core's.
 
 from __future__ import annotations
 
+import argparse
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.tensor_parallel.mappings import gather_from_sequence_parallel_region
+
+from megatron_patch.training.loop import next_batch
 
 
 @dataclass(frozen=True)
@@ -72,3 +76,12 @@ def collect_outputs(key: str):
 
 def _report(key: str, output: torch.Tensor):
     return output.new_zeros(()), torch.ones((), dtype=torch.int), {key: output.detach()}
+
+
+def policy_forward_step(data_iterator: Iterator, model: torch.nn.Module, *,
+                        context: LogprobContext, loss_func: Callable, args: argparse.Namespace):
+    """Megatron forward step of the policy: per-token log-probabilities, reduced by
+    ``loss_func(batch, args, output)`` (DPO, GRPO and PPO losses)."""
+    batch = next_batch(data_iterator)
+    return forward_logprobs(model, batch, context), partial(loss_func, batch, args)
+

@@ -49,7 +49,7 @@ from megatron_patch.training.loop import (
 )
 from rlhf.data import read_prompts
 from rlhf.grpo import Rollouts, add_rollout_flags, rollout_reward_fn
-from rlhf.logprobs import LogprobContext, collect_outputs, forward_logprobs, masked_sum
+from rlhf.logprobs import LogprobContext, collect_outputs, masked_sum, policy_forward_step
 from rlhf.losses import clipped_policy_loss, clipped_value_loss, gae, ppo_token_rewards
 from rlhf.reward_model import VALUE_HEAD, add_value_head, sequence_scores
 from rlhf.trainer import (
@@ -58,6 +58,7 @@ from rlhf.trainer import (
     copy_weights,
     forward_only,
     parse_rlhf_args,
+    resumes_own_run,
     run,
     setup,
 )
@@ -111,13 +112,6 @@ def ppo_loss_func(batch: Batch, args: argparse.Namespace, output: torch.Tensor):
     return losses.sum(), rows.to(torch.int), reports
 
 
-def ppo_forward_step(data_iterator: Iterator, model: torch.nn.Module, *,
-                     context: LogprobContext, args: argparse.Namespace):
-    """Megatron forward step of the policy."""
-    batch = next_batch(data_iterator)
-    return forward_logprobs(model, batch, context), partial(ppo_loss_func, batch, args)
-
-
 def value_loss_func(batch: Batch, args: argparse.Namespace, output: torch.Tensor):
     """Megatron loss function of the critic: per-completion mean clipped value loss summed over
     rows, count, reports."""
@@ -152,11 +146,12 @@ def value_forward_step(data_iterator: Iterator, model: torch.nn.Module):
 CRITIC = "critic"  # the critic's checkpoints: a subdirectory of the policy's
 
 
-def _resumed_critic(args: argparse.Namespace, iteration: int) -> Path | None:
-    """``--load/critic`` when the policy resumed its own run (not ``--finetune``) at
-    ``iteration``; None for a fresh start. A resumed run without it is an error."""
-    if not args.load or args.finetune or not iteration:
+def _resumed_critic(args: argparse.Namespace, policy: TrainState) -> Path | None:
+    """``--load/critic`` when the policy resumed its own run; None for a fresh start. A resumed
+    run without the critic of its iteration is an error."""
+    if not resumes_own_run(args, policy):
         return None
+    iteration = policy.iteration
     directory = Path(args.load) / CRITIC
     if not iteration_dir(directory, iteration).is_dir():
         raise FileNotFoundError(
@@ -170,7 +165,7 @@ def build_critic(args: argparse.Namespace, policy: TrainState) -> TrainState:
     """The critic: value-head model sharded like the policy, with its own optimizer and LR
     schedule, from ``--critic-load`` / ``--reward-model`` or the initial policy; a resumed run
     continues the critic saved with the policy's checkpoint (``--load/critic``)."""
-    resumed = _resumed_critic(args, policy.iteration)
+    resumed = _resumed_critic(args, policy)
     source = str(resumed) if resumed else args.critic_load or args.reward_model
     with _overridden(args, load=source, finetune=not resumed, no_load_optim=not resumed,
                      no_load_rng=True, ckpt_step=policy.iteration if resumed else None,
@@ -273,7 +268,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     print_rank_0(f"> prompts: {len(prompts)}")
     rollouts = PPORollouts(args, state, tokenizer, vocab_rows, prompts, reward_fn, context,
                            critic=critic)
-    losses = run(state, args, partial(ppo_forward_step, context=context, args=args), rollouts)
+    forward_step = partial(policy_forward_step, context=context, loss_func=ppo_loss_func,
+                           args=args)
+    losses = run(state, args, forward_step, rollouts)
     print_rank_last(f" PPO throughput: {rollouts.timing.summary()}")
     return losses
 

@@ -112,12 +112,18 @@ def build_frozen(args: argparse.Namespace, source: str,
     return frozen
 
 
+def resumes_own_run(args: argparse.Namespace, policy: TrainState) -> bool:
+    """Whether the policy continued this run from its own checkpoint (``--load`` without
+    ``--finetune``, past iteration 0) rather than starting from ``--load``'s weights."""
+    return bool(args.load and not args.finetune and policy.iteration)
+
+
 def build_reference(args: argparse.Namespace, policy: TrainState) -> list[torch.nn.Module]:
     """The frozen reference model: ``--ref-load`` (else ``--load``) weights only, else a copy of
     the policy's current weights. A run resumed from its own checkpoint (``--load`` without
     ``--finetune``) needs ``--ref-load``: its ``--load`` holds the trained policy, not the
     reference."""
-    if args.load and not args.finetune and policy.iteration and not args.ref_load:
+    if resumes_own_run(args, policy) and not args.ref_load:
         raise ValueError(f"resuming from {args.load} at iteration {policy.iteration}: its weights "
                          "are the trained policy, not the reference; pass --ref-load with the "
                          "checkpoint the run started from")

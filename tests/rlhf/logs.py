@@ -34,3 +34,15 @@ def signed_leading_number(prompts, completions, records) -> list[float]:
     from rlhf.rewards import leading_number
 
     return [2 * r - 1 for r in leading_number(prompts, completions, records)]
+
+
+def check_clipping_and_throughput(output: str, iterations: int, name: str) -> None:
+    """Two policy steps per rollout: no clipping on its first, some on a second; the run
+    printed positive rollout and training tokens/s."""
+    clip = logged(output, "clip fraction")
+    assert all(clip[i] == 0 for i in range(1, iterations + 1, 2))  # first step on each rollout
+    assert any(clip[i] > 0 for i in range(2, iterations + 1, 2)), clip
+    throughput = re.search(rf"{name} throughput: rollout ([0-9.]+) tokens/s .* training "
+                           r"([0-9.]+) tokens/s", output)
+    assert throughput and float(throughput.group(1)) > 0 and float(throughput.group(2)) > 0
+

@@ -2,14 +2,21 @@
 at TP=2 mean reward rises and the critic's value loss falls; at PP=2 the critic starts from a
 reward-model checkpoint, which also scores the rollouts."""
 
-import re
 
 import pytest
 import torch
 
 from rlhf.losses import clipped_value_loss, gae, ppo_token_rewards
 from tests.launch import run_module
-from tests.rlhf.logs import COMMON, PREFERENCES, SUM_PROMPTS, TINY_LLAMA, logged, mean
+from tests.rlhf.logs import (
+    COMMON,
+    PREFERENCES,
+    SUM_PROMPTS,
+    TINY_LLAMA,
+    check_clipping_and_throughput,
+    logged,
+    mean,
+)
 
 ITERS = 30
 PPO = ["--max-new-tokens", "3", "--grpo-iterations", "2", "--grpo-clamp-eps-lower", "0.2",
@@ -65,12 +72,7 @@ def test_ppo_raises_mean_reward_and_fits_the_critic():
     assert mean(values, range(1, 3)) > 0.2, values  # zero values against returns near -1
     assert mean(values, last) < 0.05, values
     assert kl[1] == pytest.approx(0.0, abs=1e-6) and kl[ITERS] > 0  # reference = initial policy
-    clip = logged(out, "clip fraction")
-    assert all(clip[i] == 0 for i in range(1, ITERS + 1, 2))  # first step on each rollout
-    assert any(clip[i] > 0 for i in range(2, ITERS + 1, 2)), clip
-    throughput = re.search(r"PPO throughput: rollout ([0-9.]+) tokens/s .* training ([0-9.]+) "
-                           r"tokens/s", out)
-    assert throughput and float(throughput.group(1)) > 0 and float(throughput.group(2)) > 0
+    check_clipping_and_throughput(out, ITERS, "PPO")
 
 
 @pytest.mark.distributed
