@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,3 +58,22 @@ def pretrain(args: list[str], nproc: int = 1, **kwargs) -> dict[int, float]:
     found = losses(result.stdout)
     assert found, f"no loss lines in output:\n{result.stdout[-3000:]}"
     return found
+
+
+def serve_cases(cases_file: str, out_file: str, evaluate: Callable[[dict], object]) -> None:
+    """Worker side of a multi-case launch: ``evaluate`` every case of the JSON ``cases_file`` on
+    every rank (rank 0 prints each case's time); rank 0 writes ``{id: result}`` to ``out_file``."""
+    import json
+    import time
+
+    import torch
+
+    results = {}
+    for case in json.loads(Path(cases_file).read_text()):
+        start = time.perf_counter()
+        results[case["id"]] = evaluate(case)
+        if torch.distributed.get_rank() == 0:
+            print(f"PARITY {case['id']} {time.perf_counter() - start:.1f}s", flush=True)
+    if torch.distributed.get_rank() == 0:
+        Path(out_file).write_text(json.dumps(results, indent=2))
+

@@ -7,12 +7,8 @@ reads a JSON list of cases and writes ``{id: max_abs_diff}`` (from rank 0) to OU
 Megatron flags) or nothing (the model built by ``build_model_from_hf_config``).
 """
 
-import json
 import sys
-import time
-from pathlib import Path
 
-import torch
 from megatron.core import parallel_state
 
 from megatron_patch.conversion import build_model_from_hf_config, compare_logits
@@ -24,6 +20,7 @@ from megatron_patch.conversion.verify import (
 )
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import teardown_parallel_state
+from tests.launch import serve_cases
 
 BATCH, SEQ = 2, 32
 
@@ -39,23 +36,17 @@ def _from_hf_weights(hf: str, tp: int, pp: int, ep: int = 1, etp: int | None = N
         teardown_parallel_state()
 
 
-def main(cases_file: str, out_file: str) -> None:
-    results = {}
-    for case in json.loads(Path(cases_file).read_text()):
-        start = time.perf_counter()
-        experts = {"ep": case.get("ep", 1), "etp": case.get("etp")}
-        if "mcore" in case:
-            diff = compare_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
-                                  batch_size=BATCH, seq_length=SEQ,
-                                  extra_args=case.get("extra", ()), **experts)
-        else:
-            diff = _from_hf_weights(case["hf"], case["tp"], case["pp"], **experts)
-        results[case["id"]] = diff
-        if torch.distributed.get_rank() == 0:
-            print(f"PARITY {case['id']} {time.perf_counter() - start:.1f}s", flush=True)
-    if torch.distributed.get_rank() == 0:
-        Path(out_file).write_text(json.dumps(results, indent=2))
+def _evaluate(case: dict) -> float:
+    experts = {"ep": case.get("ep", 1), "etp": case.get("etp")}
+    if "mcore" in case:
+        return compare_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
+                              batch_size=BATCH, seq_length=SEQ,
+                              extra_args=case.get("extra", ()), **experts)
+    return _from_hf_weights(case["hf"], case["tp"], case["pp"], **experts)
 
+
+def main(cases_file: str, out_file: str) -> None:
+    serve_cases(cases_file, out_file, _evaluate)
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

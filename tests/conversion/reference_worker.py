@@ -9,7 +9,6 @@ Bloom ALiBi tensor added to its attention scores and its rotary embedding made t
 (every position 0) - Baichuan-13B's mathematics.
 """
 
-import json
 import sys
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import torch
 from megatron_patch.conversion import compare_logits
 from megatron_patch.conversion.verify import hf_logits
 from tests.conversion.parity_worker import BATCH, SEQ
+from tests.launch import serve_cases
 
 
 def llama_with_alibi_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
@@ -36,16 +36,14 @@ def llama_with_alibi_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.T
                      position_ids=torch.zeros_like(tokens)).logits.float()
 
 
-def main(cases_file: str, out_file: str) -> None:
-    results = {}
-    for case in json.loads(Path(cases_file).read_text()):
-        reference = llama_with_alibi_logits if case.get("alibi") else hf_logits
-        results[case["id"]] = compare_logits(case["reference"], case["mcore"], tp=case["tp"],
-                                             pp=case["pp"], batch_size=BATCH, seq_length=SEQ,
-                                             reference=reference)
-    if torch.distributed.get_rank() == 0:
-        Path(out_file).write_text(json.dumps(results, indent=2))
+def _evaluate(case: dict) -> float:
+    reference = llama_with_alibi_logits if case.get("alibi") else hf_logits
+    return compare_logits(case["reference"], case["mcore"], tp=case["tp"], pp=case["pp"],
+                          batch_size=BATCH, seq_length=SEQ, reference=reference)
 
+
+def main(cases_file: str, out_file: str) -> None:
+    serve_cases(cases_file, out_file, _evaluate)
 
 if __name__ == "__main__":
     main(*sys.argv[1:])

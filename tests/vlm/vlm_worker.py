@@ -9,10 +9,7 @@ or, with ``"save": DIR``, the checkpoint loaded at ``tp``/``pp`` and saved again
 Writes ``{id: result}`` from rank 0.
 """
 
-import json
 import sys
-import time
-from pathlib import Path
 
 import torch
 from megatron.core.pipeline_parallel.schedules import custom_backward
@@ -26,6 +23,7 @@ from megatron_patch.conversion.verify_vlm import (
 )
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
+from tests.launch import serve_cases
 
 PARTS = ("language_model", "vision_model", "vision_projection")
 
@@ -106,25 +104,19 @@ def _resave(case: dict) -> str:
         teardown_parallel_state()
 
 
-def main(cases_file: str, out_file: str) -> None:
-    results = {}
-    for case in json.loads(Path(cases_file).read_text()):
-        start = time.perf_counter()
-        if "freeze" in case:
-            results[case["id"]] = _gradients(case)
-        elif case.get("mismatch"):
-            results[case["id"]] = _mismatch_error(case)
-        elif "save" in case:
-            results[case["id"]] = _resave(case)
-        else:
-            results[case["id"]] = compare_vlm_logits(case["hf"], case["mcore"], tp=case["tp"],
-                                                     pp=case["pp"],
-                                                     extra_args=case.get("args", ()))
-        if torch.distributed.get_rank() == 0:
-            print(f"PARITY {case['id']} {time.perf_counter() - start:.1f}s", flush=True)
-    if torch.distributed.get_rank() == 0:
-        Path(out_file).write_text(json.dumps(results, indent=2))
+def _evaluate(case: dict) -> object:
+    if "freeze" in case:
+        return _gradients(case)
+    if case.get("mismatch"):
+        return _mismatch_error(case)
+    if "save" in case:
+        return _resave(case)
+    return compare_vlm_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
+                              extra_args=case.get("args", ()))
 
+
+def main(cases_file: str, out_file: str) -> None:
+    serve_cases(cases_file, out_file, _evaluate)
 
 if __name__ == "__main__":
     main(*sys.argv[1:3])
