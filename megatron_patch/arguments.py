@@ -23,6 +23,7 @@ from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.runtime.backends import available_backends
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
+from megatron_patch.runtime.gpu_fast_paths import install_wgrad_accumulation
 from megatron_patch.training.config_checks import check_training_config
 from megatron_patch.training.resilience import ON_NONFINITE
 
@@ -96,7 +97,7 @@ def add_patch_arguments(
     parser.set_defaults(
         torch_compile_layers=backends.cuda and not backends.transformer_engine,
         apply_rope_fusion=backends.transformer_engine,
-        gradient_accumulation_fusion=backends.apex or backends.transformer_engine,
+        gradient_accumulation_fusion=install_wgrad_accumulation(),
         masked_softmax_fusion=backends.apex,
         persist_layer_norm=backends.apex,
         use_cpu_initialization=not backends.cuda,

@@ -10,23 +10,6 @@ pytestmark = pytest.mark.skipif(grouped_experts.grouped_mm is None,
                                 reason="this torch has no grouped_mm")
 
 
-@pytest.fixture
-def model_parallel(tmp_path):
-    """A one-process gloo group with Megatron's parallel state on it."""
-    from megatron.core import parallel_state, tensor_parallel
-
-    from megatron_patch.runtime.cpu_compat import apply_cpu_compat
-
-    apply_cpu_compat()
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
-                                         rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    tensor_parallel.model_parallel_cuda_manual_seed(7)
-    yield
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-
-
 def _experts(cls, gated: bool, probs_on_input: bool):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
     from megatron.core.transformer.mlp import MLPSubmodules

@@ -19,7 +19,7 @@ import itertools
 import math
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
 
@@ -54,26 +54,33 @@ def score(layout: Layout) -> float:
 def candidates(shape: Shape, gpus: int, seq: int, global_batch: int, *, gpu_mem_gib: float,
                gpus_per_node: int = 8, precision: str = "bf16", max_micro_batch: int = 8,
                overhead_gib: float = 3.0, fixed: dict | None = None) -> list[Candidate]:
-    """Every valid layout that fits, best first. ``fixed`` pins fields of :class:`Layout`."""
+    """Every valid layout that fits, best first. ``fixed`` pins fields of :class:`Layout`
+    (``tp``, ``pp``, ``vpp``, ``ep``, ``micro_batch``, ``recompute``)."""
     fixed = fixed or {}
+
+    def allowed(field: str, values: Sequence) -> list:
+        return [v for v in values if fixed.get(field, v) == v]
+
     found = []
-    tps = [t for t in _divisors(min(gpus, gpus_per_node))
-           if shape.heads % t == 0 and shape.groups % t == 0]
+    tps = allowed("tp", [t for t in _divisors(min(gpus, gpus_per_node))
+                         if shape.heads % t == 0 and shape.groups % t == 0])
     for tp in tps:
-        for pp in (p for p in _divisors(shape.layers) if gpus % (tp * p) == 0):
+        for pp in allowed("pp", [p for p in _divisors(shape.layers) if gpus % (tp * p) == 0]):
             dp = gpus // (tp * pp)
             eps = [e for e in _divisors(shape.experts) if (gpus // pp) % e == 0] \
                 if shape.experts else [1]
             vpps = [v for v in (1, 2) if v == 1 or (pp > 1 and shape.layers % (pp * v) == 0)]
             for vpp, ep, mbs, recompute in itertools.product(
-                    vpps, eps, _powers_of_two(max_micro_batch), RECOMPUTE_COST):
+                    allowed("vpp", vpps), allowed("ep", eps),
+                    allowed("micro_batch", _powers_of_two(max_micro_batch)),
+                    allowed("recompute", list(RECOMPUTE_COST))):
                 microbatches, rest = divmod(global_batch, mbs * dp)
                 if rest or (vpp > 1 and microbatches % pp):
                     continue
-                layout = replace(Layout(
+                layout = Layout(
                     tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, etp=1 if ep > 1 else None, sp=tp > 1,
                     distributed_optimizer=dp > 1, micro_batch=mbs, global_batch=global_batch,
-                    seq=seq, recompute=recompute, precision=precision), **fixed)
+                    seq=seq, recompute=recompute, precision=precision)
                 memory = estimate(shape, layout, overhead_gib)
                 if memory.total <= gpu_mem_gib * GIB:
                     found.append(Candidate(layout, memory, score(layout)))
@@ -129,6 +136,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-mbs", type=int, default=8, help="largest micro-batch tried")
     parser.add_argument("--tp", type=int, default=None, help="pin tensor parallelism")
     parser.add_argument("--pp", type=int, default=None, help="pin pipeline parallelism")
+    parser.add_argument("--ep", type=int, default=None, help="pin expert parallelism (MoE)")
     parser.add_argument("--recompute", choices=list(RECOMPUTE_COST), default=None,
                         help="pin activation recompute")
     parser.add_argument("--gpus-per-node", type=int, default=8, help="TP stays within a node")
@@ -164,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     gbs = args.gbs or 8 * args.gpus
     fixed = {key: value for key, value in
-             {"micro_batch": args.mbs, "tp": args.tp, "pp": args.pp,
+             {"micro_batch": args.mbs, "tp": args.tp, "pp": args.pp, "ep": args.ep,
               "recompute": args.recompute}.items() if value is not None}
     found = candidates(shape, args.gpus, args.seq, gbs, gpu_mem_gib=args.gpu_mem,
                        gpus_per_node=args.gpus_per_node, precision=args.pr,

@@ -17,6 +17,11 @@ the numerics against the upstream implementations on the CPU.
 
 :func:`compile_transformer_layers` (``--no-torch-compile-layers`` to opt out) compiles each
 transformer layer, the fusion Transformer Engine's kernels would otherwise provide.
+
+:func:`install_wgrad_accumulation` lets Megatron-Core's ``gradient_accumulation_fusion`` (apex's
+``fused_weight_gradient_mlp_cuda``) run on torch: each linear's weight gradient is one cuBLAS GEMM
+accumulating in fp32 straight into the gradient buffer (``addmm`` with ``out_dtype``), instead of
+a bf16 gradient tensor that the data-parallel hook then adds to the buffer.
 """
 
 from __future__ import annotations
@@ -61,6 +66,57 @@ def prefer_cudnn_attention() -> list[int]:
     cudnn = int(SDPBackend.CUDNN_ATTENTION)
     torch._C._set_sdp_priority_order([cudnn, *(b for b in previous if b != cudnn)])
     return previous
+
+
+class TorchWgradAccumulation:
+    """Drop-in for apex's ``fused_weight_gradient_mlp_cuda``: ``main_grad += grad_output^T input``.
+
+    ``input`` is ``[tokens, in]``, ``grad_output`` ``[tokens, out]`` and ``main_grad``
+    ``[out, in]``, as Megatron-Core's linear backward passes them.
+    """
+
+    @staticmethod
+    def wgrad_gemm_accum_fp32(total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        """Accumulate into an fp32 buffer (bf16/fp16 operands: fp32 output of one GEMM)."""
+        if grad_output.dtype == main_grad.dtype:
+            main_grad.addmm_(grad_output.t(), total_input)
+        elif main_grad.is_cuda:
+            torch.addmm(main_grad, grad_output.t(), total_input, out_dtype=main_grad.dtype,
+                        out=main_grad)
+        else:  # no mixed-precision GEMM on the CPU
+            main_grad.add_(grad_output.t().matmul(total_input))
+
+    @staticmethod
+    def wgrad_gemm_accum_fp16(total_input: torch.Tensor, grad_output: torch.Tensor,
+                              main_grad: torch.Tensor) -> None:
+        """Accumulate into a buffer of the operands' own 16-bit dtype."""
+        main_grad.addmm_(grad_output.t(), total_input)
+
+
+def _mixed_precision_addmm() -> bool:
+    """torch has ``addmm(..., out_dtype=)`` (bf16 operands, fp32 accumulator) for CUDA."""
+    return "dtype_out" in torch.ops.aten.addmm.overloads()
+
+
+def install_wgrad_accumulation(force: bool = False) -> bool:
+    """Provide Megatron-Core's gradient-accumulation-fusion kernel where apex does not.
+
+    Returns whether ``gradient_accumulation_fusion`` can be on: True with apex or Transformer
+    Engine (their kernels), or after installing :class:`TorchWgradAccumulation` on a CUDA
+    machine (``force`` installs it on the CPU too, for tests).
+    """
+    from megatron.core.tensor_parallel import layers
+
+    backends = available_backends()
+    if backends.apex or backends.transformer_engine:
+        return True
+    if not (force or (backends.cuda and _mixed_precision_addmm())):
+        return False
+    if not layers._grad_accum_fusion_available:
+        layers.fused_weight_gradient_mlp_cuda = TorchWgradAccumulation
+        layers._grad_accum_fusion_available = True
+    return True
 
 
 _PATCHED = False
@@ -116,11 +172,19 @@ def compile_transformer_layers(model: torch.nn.Module) -> int:
     """``torch.compile`` the forward of every transformer layer of a (wrapped) model chunk.
 
     Without Transformer Engine the layer's norms, rotary embedding, SwiGLU and residual adds
-    are separate kernels; compiled, they fuse around the matmuls. Returns the layer count.
+    are separate kernels; compiled, they fuse around the matmuls. Linears that accumulate their
+    weight gradient into ``main_grad`` (gradient-accumulation fusion) stay outside the graph:
+    their backward sets attributes on the parameters, which the compiler cannot capture.
+    Returns the layer count.
     """
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
+        for linear in layer.modules():
+            # Megatron's own linear (not one whose forward float8 training replaced)
+            if (getattr(linear, "gradient_accumulation_fusion", False)
+                    and hasattr(linear, "_forward_impl") and "_forward_impl" not in vars(linear)):
+                linear._forward_impl = torch.compiler.disable(linear._forward_impl)
         layer.forward = torch.compile(layer.forward)
     return len(layers)
