@@ -165,6 +165,13 @@ def test_plan_honours_pins_and_reads_hf_directories(tmp_path, capsys):
                       "--tp", "2", "--recompute", "full", "--gpu-mem", "24"]) == 0
     proposed = capsys.readouterr().out.split("proposed: ")[1].splitlines()[0]
     assert "TP=2 " in proposed and "recompute=full" in proposed
+    # A pinned EP (or TP) narrows the search: every listed layout honours it and stays valid
+    # (EP within the GPUs of one pipeline stage; sequence parallelism only with TP > 1).
+    assert plan_main(["--model", "qwen3-30b-a3b", "--gpus", "8", "--seq", "4096", "--ep", "8",
+                      "--tp", "1", "--gpu-mem", "141", "--top", "20"]) == 0
+    layouts = [line for line in capsys.readouterr().out.splitlines() if "EP=" in line]
+    assert layouts and all("EP=8 " in line and "TP=1 " in line and "PP=1 " in line
+                           and "SP=false" in line for line in layouts)
 
 
 def test_estimate_picks_the_busiest_stage():
