@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
+
+from megatron_patch.launch.ports import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.E+-]+) \|")
@@ -22,13 +23,6 @@ TINY_MODEL = [
     "--attention-dropout", "0", "--hidden-dropout", "0",
 ]
 MOCK_DATA = ["--dataset", "mock", "--vocab-size", "256", "--make-vocab-size-divisible-by", "128"]
-
-
-def free_port() -> int:
-    """An unused localhost TCP port for torch.distributed rendezvous."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_module(module: str, args: list[str], nproc: int = 1, timeout: int = 600,

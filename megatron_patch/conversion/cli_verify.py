@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Sequence
 
 from megatron_patch.conversion.cli_fidelity import add_fidelity_flags, run_fidelity
+from megatron_patch.launch.ports import free_port
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,16 +40,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def relaunch(argv: list[str], nproc: int, module: str = __name__) -> int:
     """Run ``python -m module argv`` under torchrun with ``nproc`` processes; its exit code."""
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", module, *argv]
+               "--master-port", str(free_port()), "-m", module, *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.run(command, env=env).returncode
@@ -65,7 +59,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) < world:
         return relaunch(argv, world)
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
     import torch
 
     from megatron_patch.conversion.verify import compare_logits

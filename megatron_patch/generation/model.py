@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import socket
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -26,15 +25,10 @@ import torch
 
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.data.bad_records import DataError
+from megatron_patch.launch.ports import free_port
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_distributed(module: str, argv: list[str], nproc: int) -> int | None:
@@ -45,10 +39,10 @@ def run_distributed(module: str, argv: list[str], nproc: int) -> int | None:
     """
     if int(os.environ.get("WORLD_SIZE", "1")) >= nproc:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
         return None
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", module, *argv]
+               "--master-port", str(free_port()), "-m", module, *argv]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return subprocess.run(command, env=env).returncode

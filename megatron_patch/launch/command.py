@@ -120,13 +120,15 @@ def validate(settings: RunSettings, model: dict, world: int, backends: Backends)
                           f"(GLOBAL_BATCH_SIZE/(BATCH_SIZE*DP)) to be a multiple of PP={s.pp}")
 
 
-def _precision_flags(pr: str) -> list[str]:
+def precision_flags(pr: str) -> list[str]:
+    """Megatron flags of a PR switch (fp32, bf16, fp16, fp8)."""
     return {"fp32": [], "bf16": ["--bf16"], "fp16": ["--fp16", "--initial-loss-scale", "65536"],
             "fp8": ["--bf16", "--fp8-format", "hybrid", "--fp8-amax-history-len", "1024",
                     "--fp8-amax-compute-algo", "max"]}[pr]
 
 
-def _recompute_flags(ac: str) -> list[str]:
+def recompute_flags(ac: str) -> list[str]:
+    """Megatron flags of an AC switch (none/false, sel, full)."""
     return {"none": [], "false": [], "sel": ["--recompute-activations"],
             "full": ["--recompute-granularity", "full", "--recompute-method", "uniform",
                      "--recompute-num-layers", "1"]}[ac]
@@ -187,7 +189,8 @@ def _data(mode: str, settings: RunSettings, out: Path, kind: str, path: str | No
     return prepare, _sources([document], settings)
 
 
-def _parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
+def parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
+    """Megatron flags of the parallel layout (TP/PP/VPP/CP/EP/ETP/SP/distributed optimizer)."""
     flags = ["--tensor-model-parallel-size", str(s.tp),
              "--pipeline-model-parallel-size", str(s.pp),
              "--context-parallel-size", str(s.cp)]
@@ -279,7 +282,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
                      "(flash/cuDNN kernels on GPU)")
     train = [
         "--model-family", family, *_architecture_flags(settings.model_size, model),
-        *_parallel_flags(settings, model.get("num_experts")),
+        *parallel_flags(settings, model.get("num_experts")),
         "--micro-batch-size", str(settings.batch_size),
         "--global-batch-size", str(settings.global_batch_size),
         "--seq-length", str(settings.seq_len),
@@ -288,7 +291,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         "--lr-decay-iters", str(settings.train_iters), "--train-iters", str(settings.train_iters),
         "--weight-decay", "0.1", "--adam-beta1", "0.9", "--adam-beta2", "0.95",
         "--clip-grad", "1.0", "--seed", "1234",
-        *_precision_flags(pr), *_recompute_flags(settings.ac), *attention,
+        *precision_flags(pr), *recompute_flags(settings.ac), *attention,
         *data, *tokenizer,
         *_checkpoint_flags(settings, out / "checkpoint" / name),
         "--log-interval", "10", "--eval-interval", str(max(1, settings.save_interval)),

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from megatron_patch.launch.ports import free_port
 
 SHAPES = {  # name -> (layers, hidden, ffn, heads, kv heads, vocab)
     "tiny": (2, 64, 128, 4, 2, 256),
@@ -136,15 +137,9 @@ def _build_models(opts: argparse.Namespace) -> None:
     convert_hf_to_mcore(opts.hf_dir, opts.mcore_dir, progress=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _spawn(engine: str, opts: argparse.Namespace) -> dict:
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
     command = [sys.executable, "-m", "toolkits.benchmark.bench_generation", "--worker", engine,
                "--hf-dir", str(opts.hf_dir), "--mcore-dir", str(opts.mcore_dir),

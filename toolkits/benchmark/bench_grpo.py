@@ -21,23 +21,18 @@ import argparse
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from megatron_patch.launch.ports import free_port
+
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"GRPO throughput: rollout ([0-9.]+) tokens/s \((\d+) generated tokens\), "
                      r"training ([0-9.]+) tokens/s \((\d+) trained tokens\)")
 REWARD = re.compile(r"iteration\s+\d+/.*? reward: ([0-9.E+-]+) \|")
-
-
-def _port() -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return str(sock.getsockname()[1])
 
 
 def command(tiny: bool, iters: int, max_new_tokens: int, nproc: int, extra: list[str]
@@ -46,7 +41,7 @@ def command(tiny: bool, iters: int, max_new_tokens: int, nproc: int, extra: list
     family, size = ("llama", "tiny") if tiny else ("qwen2", "0.5B")
     env = {"MODEL_SIZE": size, "TOKENIZER_TYPE": "ByteTokenizer", "NPROC": str(nproc),
            "ITERS": str(iters), "GBS": "64" if tiny else "256", "MBS": "32" if tiny else "16",
-           "SEQ_LEN": str(16 + max_new_tokens), "LR": "1e-6", "MASTER_PORT": _port(),
+           "SEQ_LEN": str(16 + max_new_tokens), "LR": "1e-6", "MASTER_PORT": str(free_port()),
            "SAVE": "none"}
     flags = ["--max-new-tokens", str(max_new_tokens), "--reward-fn",
              "rlhf.rewards:leading_number", "--log-interval", "1",

@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import re
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,8 @@ import tempfile
 from pathlib import Path
 
 import torch
+
+from megatron_patch.launch.ports import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {  # name -> (hidden, layers, heads, kv heads, head dim, experts, expert ffn, top-k, vocab)
@@ -68,12 +69,6 @@ def parameter_counts(config: dict) -> tuple[int, int]:
     return total, total - idle * config["num_hidden_layers"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; returns the training process's exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -108,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         command = [
             sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(_free_port()), "-m", "megatron_patch.training.pretrain",
+            "--master-port", str(free_port()), "-m", "megatron_patch.training.pretrain",
             "--hf-config-path", tmp, "--dataset", "mock", "--seq-length", str(seq),
             "--micro-batch-size", str(mbs), "--global-batch-size", str(mbs * nproc),
             "--expert-model-parallel-size", str(ep), "--lr", "3e-4", "--min-lr", "3e-5",

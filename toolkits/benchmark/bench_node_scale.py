@@ -60,7 +60,8 @@ from typing import Any
 import torch
 
 from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
-from toolkits.benchmark.bench_moe_training import LOG, _free_port
+from megatron_patch.launch.ports import free_port
+from toolkits.benchmark.bench_moe_training import LOG
 from toolkits.benchmark.bench_training_step import H100_BF16_PEAK_TFLOPS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -166,15 +167,15 @@ def extrapolate(proxy_tokens_per_s: float, proxy_flops_per_token: float, layout:
 
 def training_flags(layout: Layout, steps: int, moe: bool, gpu: bool) -> list[str]:
     """Megatron flags of ``layout`` (the launcher's own parallel/precision/recompute flags)."""
-    from megatron_patch.launch.command import _parallel_flags, _precision_flags, _recompute_flags
+    from megatron_patch.launch.command import parallel_flags, precision_flags, recompute_flags
     from megatron_patch.launch.settings import RunSettings
 
     settings = RunSettings(tp=layout.tp, pp=layout.pp, vpp=layout.vpp, cp=layout.cp,
                            ep=layout.ep, etp=layout.etp, sp=layout.sp,
                            do=layout.distributed_optimizer, ac=layout.recompute,
                            pr=layout.precision)
-    flags = [*_parallel_flags(settings, moe), *_precision_flags(layout.precision),
-             *_recompute_flags(layout.recompute),
+    flags = [*parallel_flags(settings, moe), *precision_flags(layout.precision),
+             *recompute_flags(layout.recompute),
              "--micro-batch-size", str(layout.micro_batch),
              "--global-batch-size", str(layout.global_batch), "--seq-length", str(layout.seq),
              "--dataset", "mock", "--train-iters", str(steps), "--lr", "3e-4", "--min-lr",
@@ -220,7 +221,7 @@ def launch(nproc: int, config: dict[str, Any], flags: list[str], gpu: bool) -> d
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.json").write_text(json.dumps(config))
         command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", str(_free_port()), "-m", "toolkits.benchmark.bench_node_scale",
+                   "--master-port", str(free_port()), "-m", "toolkits.benchmark.bench_node_scale",
                    "--worker", "--hf-config-path", tmp, *flags]
         env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
         if not gpu:
