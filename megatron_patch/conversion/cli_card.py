@@ -187,11 +187,11 @@ def _worker(jobs_file: str, out_file: str) -> int:
 
 
 def _run_jobs(jobs: list[dict[str, Any]], world: int, work: Path) -> dict[str, Any]:
-    from megatron_patch.conversion.cli_verify import relaunch
+    from megatron_patch.launch.torchrun import relaunch
 
     jobs_file, out_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(jobs))
-    code = relaunch(["--worker", str(jobs_file), str(out_file)], world, __name__)
+    code = relaunch(__name__, ["--worker", str(jobs_file), str(out_file)], world)
     if code != 0 or not out_file.is_file():
         logs = "".join(f"--- {log.name} (last lines)\n" + "\n".join(
             log.read_text(errors="replace").splitlines()[-40:]) + "\n"

@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
 from megatron_patch.conversion.cli_fidelity import add_fidelity_flags, run_fidelity
-from megatron_patch.launch.ports import free_port
+from megatron_patch.launch.torchrun import run_distributed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -40,15 +39,6 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def relaunch(argv: list[str], nproc: int, module: str = __name__) -> int:
-    """Run ``python -m module argv`` under torchrun with ``nproc`` processes; its exit code."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", module, *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.run(command, env=env).returncode
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``megatron-patch verify ...``; returns 0 within the tolerance, else 1."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -56,10 +46,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megatron_patch.conversion.verify import world_size
 
     world = world_size(args.tp, args.pp, args.ep, args.etp)
-    if int(os.environ.get("WORLD_SIZE", "1")) < world:
-        return relaunch(argv, world)
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    status = run_distributed(__name__, argv, world)
+    if status is not None:
+        return status
     import torch
 
     from megatron_patch.conversion.verify import compare_logits

@@ -14,7 +14,6 @@ import argparse
 import copy
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -25,27 +24,10 @@ import torch
 
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.data.bad_records import DataError
-from megatron_patch.launch.ports import free_port
+from megatron_patch.launch.torchrun import run_distributed
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-
-
-def run_distributed(module: str, argv: list[str], nproc: int) -> int | None:
-    """Relaunch ``python -m module argv`` under torchrun when this process is not part of a world
-    of at least ``nproc`` ranks; returns its exit status, or None when already running in one.
-
-    Outside torchrun (and with ``nproc == 1``) it sets up a one-process world's rendezvous.
-    """
-    if int(os.environ.get("WORLD_SIZE", "1")) >= nproc:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-        return None
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(free_port()), "-m", module, *argv]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    return subprocess.run(command, env=env).returncode
 
 
 def run_cli(prog: str, module: str, parser: argparse.ArgumentParser,

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.launch.ports import free_port
+from megatron_patch.launch.torchrun import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPES = {  # name -> (hidden, layers, heads, kv heads, head dim, experts, expert ffn, top-k, vocab)

@@ -60,7 +60,7 @@ from typing import Any
 import torch
 
 from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
-from megatron_patch.launch.ports import free_port
+from megatron_patch.launch.torchrun import free_port
 from toolkits.benchmark.bench_moe_training import LOG
 from toolkits.benchmark.bench_training_step import H100_BF16_PEAK_TFLOPS
 
