@@ -51,19 +51,6 @@ def test_cuda_device_requests_and_type_names():
     assert torch.ones(2, dtype=torch.bfloat16).type() == "torch.cuda.BFloat16Tensor"
 
 
-@pytest.fixture
-def model_parallel(tmp_path):
-    """A one-process gloo group with Megatron's parallel state on it."""
-    from megatron.core import parallel_state
-
-    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path}/store",
-                                         rank=0, world_size=1)
-    parallel_state.initialize_model_parallel()
-    yield
-    parallel_state.destroy_model_parallel()
-    torch.distributed.destroy_process_group()
-
-
 def test_rng_tracker_forks_on_the_cpu_generator(model_parallel):
     from megatron.core import tensor_parallel
 
