@@ -12,8 +12,8 @@ from megatron.training.training import num_floating_point_operations
 from megatron_patch.launch.flags import megatron_defaults
 from megatron_patch.launch.memory import bubble_fraction
 from megatron_patch.models.registry import get_family
+from tests.launch import REPO
 from toolkits.benchmark.bench_node_scale import (
-    REPO,
     extrapolate,
     logit_flops_per_token,
     plan_target,

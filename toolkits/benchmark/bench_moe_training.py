@@ -19,27 +19,16 @@ processes at EP=2, a few steps: checks the same path end to end). Without CUDA a
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import statistics
-import subprocess
 import sys
-import tempfile
-from pathlib import Path
 
 import torch
 
-from megatron_patch.launch.torchrun import free_port
+from toolkits.benchmark.training_runs import launch, summarize
 
-REPO = Path(__file__).resolve().parents[2]
 SHAPES = {  # name -> (hidden, layers, heads, kv heads, head dim, experts, expert ffn, top-k, vocab)
     "1b": (1024, 16, 16, 4, 128, 32, 512, 4, 32000),
     "tiny": (64, 2, 4, 2, 16, 4, 32, 2, 256),
 }
-LOG = re.compile(r"iteration\s+(\d+)/.*?throughput per GPU \(TFLOP/s/GPU\): ([0-9.]+) \|"
-                 r" tokens per second: ([0-9.]+) \|.*? lm loss: ([0-9.E+-]+) \|"
-                 r"(?:.*? load_balancing_loss: ([0-9.E+-]+) \|)?")
 
 
 def hf_config(shape: str) -> dict:
@@ -99,37 +88,28 @@ def main(argv: list[str] | None = None) -> int:
 
     grouped = gpu and available_backends().transformer_engine
     experts_label = "torch grouped_mm" if grouped_mm is not None else "sequential"
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-            "--master-port", str(free_port()), "-m", "megatron_patch.training.pretrain",
-            "--hf-config-path", tmp, "--dataset", "mock", "--seq-length", str(seq),
-            "--micro-batch-size", str(mbs), "--global-batch-size", str(mbs * nproc),
-            "--expert-model-parallel-size", str(ep), "--lr", "3e-4", "--min-lr", "3e-5",
-            "--lr-warmup-iters", "2", "--train-iters", str(steps), "--log-interval", "1",
-            "--eval-iters", "0", "--seed", "1234",
-            *(["--bf16", "--no-torch-compile-layers"] if gpu else []),
-            *(["--moe-grouped-gemm"] if grouped else []), *extra]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-        if not gpu:
-            env["OMP_NUM_THREADS"] = "1"
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    rows = [(int(i), float(tflops), float(tps), float(loss), balance and float(balance))
-            for i, tflops, tps, loss, balance in LOG.findall(result.stdout)]
-    if result.returncode != 0 or not rows:
-        print(result.stdout[-4000:], result.stderr[-6000:], sep="\n", file=sys.stderr)
-        return result.returncode or 1
-    timed = rows[min(len(rows) - 1, max(1, len(rows) // 3)):]  # after warm-up
-    for i, tflops, tps, loss, balance in rows:
-        print(f"  iteration {i:3d}: {tps:10.1f} tokens/s  {tflops:6.1f} TFLOP/s/GPU  lm loss "
-              f"{loss:.4f}  load_balancing_loss {balance}")
-    print(f"median over iterations {timed[0][0]}-{timed[-1][0]}: "
-          f"{statistics.median(r[2] for r in timed):.1f} tokens/s "
-          f"({statistics.median(r[2] for r in timed) / nproc:.1f} per GPU), "
-          f"{statistics.median(r[1] for r in timed):.1f} TFLOP/s/GPU; experts: "
+    flags = ["--dataset", "mock", "--seq-length", str(seq), "--micro-batch-size", str(mbs),
+             "--global-batch-size", str(mbs * nproc), "--expert-model-parallel-size", str(ep),
+             "--lr", "3e-4", "--min-lr", "3e-5", "--lr-warmup-iters", "2",
+             "--train-iters", str(steps), "--log-interval", "1", "--eval-iters", "0",
+             "--seed", "1234", *(["--bf16", "--no-torch-compile-layers"] if gpu else []),
+             *(["--moe-grouped-gemm"] if grouped else []), *extra]
+    run = launch(nproc, config, flags, gpu)
+    rows = run["rows"]
+    if run["returncode"] != 0 or not rows:
+        print(run["tail"], file=sys.stderr)
+        return run["returncode"] or 1
+    for r in rows:
+        print(f"  iteration {r['iteration']:3d}: {r['tokens_per_s']:10.1f} tokens/s  "
+              f"{r['tflops_per_gpu']:6.1f} TFLOP/s/GPU  lm loss {r['lm_loss']:.4f}  "
+              f"load_balancing_loss {r['load_balancing_loss']}")
+    summary = summarize(rows, nproc)
+    first, last = summary["timed_iterations"]
+    print(f"median over iterations {first}-{last}: {summary['tokens_per_s']:.1f} tokens/s "
+          f"({summary['tokens_per_s_per_gpu']:.1f} per GPU), "
+          f"{summary['tflops_per_gpu']:.1f} TFLOP/s/GPU; experts: "
           f"{'Transformer Engine grouped GEMM' if grouped else experts_label}; "
-          f"lm loss {rows[0][3]:.4f} -> {rows[-1][3]:.4f}")
+          f"lm loss {summary['loss_first']:.4f} -> {summary['loss_last']:.4f}")
     return 0
 
 

@@ -45,28 +45,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import os
-import re
-import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
-from megatron_patch.launch.torchrun import free_port
-from toolkits.benchmark.bench_moe_training import LOG
-from toolkits.benchmark.bench_training_step import H100_BF16_PEAK_TFLOPS
+from toolkits.benchmark.training_runs import H100_BF16_PEAK_TFLOPS, launch, summarize
 
-REPO = Path(__file__).resolve().parents[2]
-PEAK = re.compile(r"^PEAK_MEMORY rank=(\d+) kind=(\w+) allocated=(\d+) reserved=(\d+)$", re.M)
-FLOPS = re.compile(r"^FLOPS_PER_ITERATION ([0-9.e+]+) TOKENS_PER_ITERATION (\d+)$", re.M)
 PROXY_MICROBATCHES = 4
 NOT_MEASURED = ("pipeline send/receive between stages", "data-parallel gradient reduce-scatter "
                 "and parameter all-gather", "tensor-parallel all-reduce/all-gather (and TP's "
@@ -187,74 +174,6 @@ def training_flags(layout: Layout, steps: int, moe: bool, gpu: bool) -> list[str
         flags.append("--no-torch-compile-layers")
         flags += ["--moe-grouped-gemm"] * available_backends().transformer_engine
     return flags
-
-
-def worker(argv: list[str]) -> int:
-    """Under torchrun: pretrain, then print this rank's peak memory and (rank 0) Megatron's
-    FLOPs per iteration unrounded (the log line has 0.1 TFLOP/s steps); the parent parses them."""
-    from megatron.training import get_args
-    from megatron.training.training import num_floating_point_operations
-
-    from megatron_patch.training.pretrain import main as pretrain
-
-    pretrain(argv)
-    rank = int(os.environ.get("RANK", "0"))
-    if rank == 0:
-        args = get_args()
-        print(f"FLOPS_PER_ITERATION {num_floating_point_operations(args, args.global_batch_size)}"
-              f" TOKENS_PER_ITERATION {args.global_batch_size * args.seq_length}", flush=True)
-    if torch.cuda.is_available():
-        kind, allocated = "cuda", torch.cuda.max_memory_allocated()
-        reserved = torch.cuda.max_memory_reserved()
-    else:
-        import resource
-
-        kind = "host"
-        allocated = reserved = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(f"PEAK_MEMORY rank={rank} kind={kind} allocated={allocated} reserved={reserved}",
-          flush=True)
-    return 0
-
-
-def launch(nproc: int, config: dict[str, Any], flags: list[str], gpu: bool) -> dict[str, Any]:
-    """Train under torchrun; per-iteration rows, per-rank peak memory, wall time, exit code."""
-    with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.json").write_text(json.dumps(config))
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-                   "--master-port", str(free_port()), "-m", "toolkits.benchmark.bench_node_scale",
-                   "--worker", "--hf-config-path", tmp, *flags]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore", "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-        if not gpu:
-            env["OMP_NUM_THREADS"] = "1"
-        start = time.time()
-        result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
-    rows = [{"iteration": int(i), "tflops_per_gpu": float(tflops), "tokens_per_s": float(tps),
-             "lm_loss": float(loss), "load_balancing_loss": float(balance) if balance else None}
-            for i, tflops, tps, loss, balance in LOG.findall(result.stdout)]
-    peaks = {int(rank): {"kind": kind, "allocated": int(allocated), "reserved": int(reserved)}
-             for rank, kind, allocated, reserved in PEAK.findall(result.stdout)}
-    flops = FLOPS.search(result.stdout)
-    return {"returncode": result.returncode, "seconds": time.time() - start, "rows": rows,
-            "peak_memory": peaks, "tail": (result.stdout[-3000:] + result.stderr[-5000:]),
-            "flops_per_token": float(flops[1]) / int(flops[2]) if flops else None}
-
-
-def summarize(rows: list[dict[str, Any]], gpus: int,
-              peak_tflops: float = H100_BF16_PEAK_TFLOPS) -> dict[str, Any]:
-    """Medians after warm-up (the first third dropped), loss trend and router balance."""
-    timed = rows[min(len(rows) - 1, max(1, len(rows) // 3)):]
-    tokens = statistics.median(r["tokens_per_s"] for r in timed)
-    tflops = statistics.median(r["tflops_per_gpu"] for r in timed)
-    losses = [r["lm_loss"] for r in rows]
-    third = max(1, len(losses) // 3)
-    balance = [r["load_balancing_loss"] for r in rows if r["load_balancing_loss"] is not None]
-    return {"timed_iterations": [timed[0]["iteration"], timed[-1]["iteration"]],
-            "tokens_per_s": tokens, "tokens_per_s_per_gpu": tokens / gpus,
-            "tflops_per_gpu": tflops, "mfu": tflops / peak_tflops,
-            "loss_first": losses[0], "loss_last": losses[-1],
-            "loss_finite": all(math.isfinite(v) for v in losses),
-            "loss_falling": statistics.median(losses[-third:]) < statistics.median(losses[:third]),
-            "load_balancing_loss": [balance[0], balance[-1]] if balance else None}
 
 
 def _peak_gib(run: dict[str, Any]) -> tuple[str, float] | None:
@@ -390,8 +309,6 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; 0 when every run trained with a finite loss."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["--worker"]:
-        return worker(argv[1:])
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     opts = _parser().parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     gpu = torch.cuda.is_available() and not opts.tiny
