@@ -147,6 +147,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def pins(args: argparse.Namespace) -> dict:
+    """The layout fields pinned by ``--tp/--pp/--ep/--mbs/--recompute`` (those given)."""
+    given = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "micro_batch": args.mbs,
+             "recompute": args.recompute}
+    return {key: value for key, value in given.items() if value is not None}
+
+
 def _shape(args: argparse.Namespace) -> tuple[Shape, str | None, str | None]:
     """The model's shape and, for a table model, its family and MODEL_SIZE."""
     from megatron_patch.launch.model_sizes import find_model
@@ -171,9 +178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     gbs = args.gbs or 8 * args.gpus
-    fixed = {key: value for key, value in
-             {"micro_batch": args.mbs, "tp": args.tp, "pp": args.pp, "ep": args.ep,
-              "recompute": args.recompute}.items() if value is not None}
+    fixed = pins(args)
     found = candidates(shape, args.gpus, args.seq, gbs, gpu_mem_gib=args.gpu_mem,
                        gpus_per_node=args.gpus_per_node, precision=args.pr,
                        max_micro_batch=args.max_mbs,

@@ -51,7 +51,16 @@ from typing import Any
 
 import torch
 
-from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
+from megatron_patch.launch.memory import (
+    GIB,
+    Layout,
+    Memory,
+    Shape,
+    bubble_fraction,
+    estimate,
+    total_params,
+)
+from megatron_patch.launch.plan import candidates, describe, memory_line, pins
 from toolkits.benchmark.training_runs import H100_BF16_PEAK_TFLOPS, launch, summarize
 
 PROXY_MICROBATCHES = 4
@@ -87,8 +96,6 @@ def model_config(name: str, tiny: bool) -> tuple[str, dict[str, Any], Shape]:
 def plan_target(name: str, gpus: int, seq: int, gbs: int, precision: str, gpu_mem: float,
                 fixed: dict[str, Any], tiny: bool = False) -> Target:
     """``plan``'s best layout for ``gpus``; ValueError naming the pins if none fits."""
-    from megatron_patch.launch.plan import candidates
-
     family, config, shape = model_config(name, tiny)
     found = candidates(shape, gpus, seq, gbs, gpu_mem_gib=gpu_mem, precision=precision,
                        fixed=fixed)
@@ -225,8 +232,6 @@ def run_real(target: Target, steps: int, gpu: bool, extra: list[str]) -> dict[st
 def run_proxy(target: Target, steps: int, gpu: bool, extra: list[str], device_gib: float | None,
               force: bool) -> dict[str, Any] | None:
     """The one-device proxy of the target GPU and the extrapolation; None when it did not run."""
-    from megatron_patch.launch.plan import memory_line
-
     shape, layout = proxy_shape(target.shape, target.layout), proxy_layout(target.layout)
     expected = estimate(shape, layout)
     print(f"proxy on 1 device: {shape.layers} layers"
@@ -254,7 +259,7 @@ def run_proxy(target: Target, steps: int, gpu: bool, extra: list[str], device_gi
     logit = logit_flops_per_token(shape.hidden, shape.padded_vocab(1))
     result = extrapolate(summary["tokens_per_s"], run["flops_per_token"], target.layout, logit)
     peak = _peak_gib(run)
-    print(f"EXTRAPOLATED to {target.layout.world} GPUs ({_describe(target.layout)}), not "
+    print(f"EXTRAPOLATED to {target.layout.world} GPUs ({describe(target.layout)}), not "
           f"measured: {result['tokens_per_s_per_gpu']:.1f} tokens/s/GPU "
           f"({result['tokens_per_s']:.0f} tokens/s), {result['tflops_per_gpu']:.1f} "
           f"TFLOP/s/GPU, MFU {result['mfu']:.1%}; full model {result['flops_per_token'] / 1e9:.1f}"
@@ -268,12 +273,6 @@ def run_proxy(target: Target, steps: int, gpu: bool, extra: list[str], device_gi
     return {"branch": "proxy", "devices": 1, **run, "summary": summary,
             "proxy_layout": asdict(layout), "proxy_memory_estimate_gib": expected.gib(),
             "extrapolated": result, "not_measured": list(NOT_MEASURED)}
-
-
-def _describe(layout: Layout) -> str:
-    from megatron_patch.launch.plan import describe
-
-    return describe(layout)
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
@@ -320,10 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = opts.steps or (TINY["steps"] if opts.tiny else 50)
     gbs = opts.gbs or (TINY["gbs_per_gpu"] if opts.tiny else 8) * gpus
     precision = "fp32" if opts.tiny else opts.pr
-    fixed = {key: value for key, value in {"tp": opts.tp, "pp": opts.pp, "ep": opts.ep,
-                                           "micro_batch": opts.mbs,
-                                           "recompute": opts.recompute}.items()
-             if value is not None}
+    fixed = pins(opts)
     if opts.tiny and not fixed:  # the shapes of the real targets: a pipeline, or EP
         fixed = {"ep": 2} if model_config(opts.model, True)[2].experts else {"pp": 2}
     try:
@@ -332,16 +328,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from megatron_patch.launch.memory import total_params
-    from megatron_patch.launch.plan import memory_line
-
     shape = target.shape
     print(f"{opts.model}{' (tiny stand-in)' if opts.tiny else ''}: {shape.layers} layers, "
           f"hidden {shape.hidden}, {shape.heads} heads ({shape.groups} kv), vocab {shape.vocab}"
           + (f", {shape.experts} experts top-{shape.topk}" if shape.experts else "")
           + f", {total_params(shape) / 1e9:.2f}B parameters; random init, mock tokens, "
           f"seq {seq}, {precision}, {steps} steps")
-    print(f"target: {gpus} GPUs, {_describe(target.layout)}, global batch {gbs}; plan's memory "
+    print(f"target: {gpus} GPUs, {describe(target.layout)}, global batch {gbs}; plan's memory "
           f"per GPU {memory_line(target.memory, opts.gpu_mem)}", flush=True)
     if opts.tiny:
         device_counts = [opts.devices] if opts.devices else [gpus, 1]
@@ -359,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         runs.append(run)
     if opts.out:
         _write_json(opts.out, {"model": opts.model, "tiny": opts.tiny, "target_gpus": gpus,
-                               "layout": _describe(target.layout),
+                               "layout": describe(target.layout),
                                "layout_fields": asdict(target.layout),
                                "plan_memory_per_gpu_gib": target.memory.gib(), "runs": runs})
     return 0 if all(run["summary"]["loss_finite"] for run in runs) else 1
