@@ -21,7 +21,7 @@ from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.models.common.architecture import add_architecture_arguments
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, get_family
-from megatron_patch.runtime.backends import available_backends
+from megatron_patch.runtime.backends import available_backends, flash_attention_backend
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
 from megatron_patch.runtime.gpu_fast_paths import install_wgrad_accumulation
 from megatron_patch.training.config_checks import check_training_config
@@ -163,4 +163,20 @@ def parse_training_args(argv: Sequence[str] | None = None,
     args.torchao_float8 = None
     if args.fp8 and not available_backends().transformer_engine:
         args.torchao_float8, args.fp8 = args.torchao_float8_recipe, None
+    _available_attention_backend(args)
     return args
+
+
+def _available_attention_backend(args: argparse.Namespace) -> None:
+    """``--attention-backend flash`` without flash-attn: the next-best backend, said once."""
+    from megatron.core.transformer.enums import AttnBackend
+
+    backends = available_backends()
+    if args.attention_backend != AttnBackend.flash or backends.flash_attn:
+        return
+    backend, runs_on = flash_attention_backend(backends)
+    if backend:
+        args.attention_backend = AttnBackend[backend]
+    if args.rank == 0:
+        print(f"> --attention-backend flash: flash-attn is not installed; using {runs_on}",
+              flush=True)

@@ -20,13 +20,15 @@ from megatron.core.enums import ModelType
 from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import unwrap_model
-from megatron.training.checkpointing import load_checkpoint
 from megatron.training.training import get_model
 from megatron.training.utils import print_rank_0
 
 from megatron_patch.arguments import parse_training_args
 from megatron_patch.models.builder import gpt_model_provider
-from megatron_patch.training.checkpoint import check_checkpoint_before_load
+from megatron_patch.training.checkpoint import (
+    check_checkpoint_before_load,
+    load_megatron_checkpoint,
+)
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.loop import TrainState, next_batch, setup_model_and_optimizer, train
 from megatron_patch.training.pretrain import build_run_tokenizer, set_padded_vocab
@@ -105,7 +107,7 @@ def build_frozen(args: argparse.Namespace, source: str,
         with _overridden(args, finetune=True, no_load_optim=True, no_load_rng=True,
                          frozen_load=source, consumed_train_samples=args.consumed_train_samples,
                          consumed_valid_samples=args.consumed_valid_samples):
-            load_checkpoint(frozen, None, None, load_arg="frozen_load", strict=True)
+            load_megatron_checkpoint(frozen, None, None, load_arg="frozen_load")
     for chunk in frozen:
         chunk.eval()
         chunk.requires_grad_(False)

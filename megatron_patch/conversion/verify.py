@@ -1,7 +1,7 @@
 """Run an HF model and its Megatron checkpoint on the same tokens and compare the logits.
 
 The Megatron side is built and loaded exactly as training does (``parse_training_args`` with
-``--load``, ``get_model``, ``megatron.training.checkpointing.load_checkpoint``), at any
+``--load``, ``get_model``, Megatron's ``load_checkpoint``), at any
 TP/PP/EP/ETP, so a passing comparison also shows that training can start from the checkpoint.
 Call :func:`compare_logits` on every rank of a world of :func:`world_size` (or a multiple)
 processes.
@@ -19,12 +19,12 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.training.checkpointing import load_checkpoint
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.training.checkpoint import load_megatron_checkpoint
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
 
@@ -114,7 +114,7 @@ def load_megatron_model(args) -> list[torch.nn.Module]:
     """This rank's chunks of the checkpoint at ``args.load``, built and loaded as training
     does (without DDP)."""
     model = get_model(gpt_model_provider(args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    load_checkpoint(model, None, None, strict=True)
+    load_megatron_checkpoint(model, None, None)
     return model
 
 

@@ -5,7 +5,7 @@ architecture, tokenizer files and vocabulary; a checkpoint saved by training (no
 its saved args, whose architecture is read back through the family's config mapping (the same
 round trip ``convert mcore-to-hf`` makes). The model is built with the torch-native layer spec
 (its attention takes arbitrary masks, which left-padded batches need) and loaded by
-``megatron.training.checkpointing.load_checkpoint`` at any TP/PP.
+Megatron's ``load_checkpoint`` at any TP/PP.
 """
 
 from __future__ import annotations
@@ -197,10 +197,10 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
 def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceModel:
     """Initialise the parallel state, build this rank's model chunk and load ``args.load``."""
     from megatron.core.enums import ModelType
-    from megatron.training.checkpointing import load_checkpoint
     from megatron.training.training import get_model
 
     from megatron_patch.models.builder import gpt_model_provider
+    from megatron_patch.training.checkpoint import load_megatron_checkpoint
     from megatron_patch.training.initialize import initialize
     from megatron_patch.training.pretrain import set_padded_vocab
 
@@ -219,7 +219,7 @@ def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceM
 
     model = get_model(gpt_model_provider(args, transformer_engine=False),
                       ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    load_checkpoint(model, None, None, strict=True)
+    load_megatron_checkpoint(model, None, None)
     model[0].eval()
     rows = metadata.get("vocab_rows") or args.vocab_size or tokenizer.vocab_size
     return InferenceModel(model[0], tokenizer, args, min(int(rows), args.padded_vocab_size))

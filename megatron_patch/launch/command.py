@@ -22,7 +22,7 @@ from megatron_patch.launch.settings import (
 )
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import HFConfig, family_for_hf_config, get_family
-from megatron_patch.runtime.backends import Backends
+from megatron_patch.runtime.backends import Backends, flash_attention_backend
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 ENTRY_POINTS = {"pretrain": "megatron_patch.training.pretrain",
@@ -275,11 +275,10 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
     tokenizer = ["--patch-tokenizer-type", kind]
     tokenizer += ["--patch-tokenizer-path", tokenizer_path] if tokenizer_path else []
     attention = []
-    if settings.fl and backends.transformer_engine:
-        attention = ["--attention-backend", "flash"]
-    elif settings.fl:
-        notes.append("FL=true: no Transformer Engine, attention runs on torch SDPA "
-                     "(flash/cuDNN kernels on GPU)")
+    if settings.fl:
+        backend, runs_on = flash_attention_backend(backends)
+        attention = ["--attention-backend", backend] if backend else []
+        notes.append(f"FL=true: {runs_on}")
     train = [
         "--model-family", family, *_architecture_flags(settings.model_size, model),
         *parallel_flags(settings, model.get("num_experts")),

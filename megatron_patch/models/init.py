@@ -25,6 +25,8 @@ from megatron_patch.conversion.sharding import is_gated_fc1, tensor_parallel_spl
 
 _NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
+# Transformer Engine's fused norm + linear keeps the norm's parameters under these names.
+_FUSED_NORM_PARAMS = ("layer_norm_weight", "layer_norm_bias")
 
 
 def _strip_wrappers(name: str) -> str:
@@ -79,10 +81,23 @@ def global_parameter_names(chunk: torch.nn.Module, tied: bool,
     return names
 
 
+def is_norm_parameter(module: torch.nn.Module, name: str) -> bool:
+    """Whether ``name`` (a parameter of ``module``) is a norm's weight or bias.
+
+    Torch norms, and any backend's norm module (Transformer Engine's ``RMSNorm``/``LayerNorm``,
+    apex's ``FusedLayerNorm``, ...) by its class name, and the norm parameters Transformer Engine
+    fuses into a linear (``layer_norm_weight``).
+    """
+    return (isinstance(module, _NORMS) or type(module).__name__.endswith("Norm")
+            or name.rsplit(".", 1)[-1] in _FUSED_NORM_PARAMS)
+
+
 def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: int,
           config: TransformerConfig) -> torch.Tensor:
-    if isinstance(module, _NORMS) or name.endswith("bias"):
-        return torch.ones_like(param) if name.endswith("weight") else torch.zeros_like(param)
+    if is_norm_parameter(module, name) or name.endswith("bias"):
+        if name.endswith("bias") or getattr(config, "layernorm_zero_centered_gamma", False):
+            return torch.zeros_like(param)
+        return torch.ones_like(param)
     tp_rank, tp_size = tensor_parallel_split(param)  # experts split over expert TP
     partitioned = getattr(param, "tensor_model_parallel", False) and tp_size > 1
     dim = getattr(param, "partition_dim", 0)

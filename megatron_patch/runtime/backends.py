@@ -42,3 +42,18 @@ def available_backends() -> Backends:
         apex=_installed("apex"),
         flash_attn=_installed("flash_attn"),
     )
+
+
+def flash_attention_backend(backends: Backends) -> tuple[str | None, str]:
+    """Megatron's ``--attention-backend`` for a flash-attention request, and what runs it.
+
+    Transformer Engine's ``flash`` backend needs the flash-attn package; without it TE's
+    ``fused`` backend (cuDNN's flash-attention kernels) is the fastest. Without TE the
+    torch-native attention (SDPA) ignores the flag: None.
+    """
+    if not backends.transformer_engine:
+        return None, "torch SDPA attention (cuDNN/flash kernels on a GPU)"
+    if backends.flash_attn:
+        return "flash", "flash-attn through Transformer Engine"
+    return "fused", ("Transformer Engine's fused attention (cuDNN flash-attention kernels; "
+                     "flash-attn is not installed)")

@@ -102,14 +102,16 @@ def _mixed_precision_addmm() -> bool:
 def install_wgrad_accumulation(force: bool = False) -> bool:
     """Provide Megatron-Core's gradient-accumulation-fusion kernel where apex does not.
 
-    Returns whether ``gradient_accumulation_fusion`` can be on: True with apex or Transformer
-    Engine (their kernels), or after installing :class:`TorchWgradAccumulation` on a CUDA
-    machine (``force`` installs it on the CPU too, for tests).
+    Returns whether ``gradient_accumulation_fusion`` can be on: True with apex (its kernel), or
+    after installing :class:`TorchWgradAccumulation` on a CUDA machine (``force`` installs it on
+    the CPU too, for tests). Transformer Engine's linears fuse the accumulation themselves, but
+    Megatron's own ``ColumnParallelLinear`` (the output layer, and every linear of a
+    torch-native model) still needs apex's kernel, so TE alone does not make it available.
     """
     from megatron.core.tensor_parallel import layers
 
     backends = available_backends()
-    if backends.apex or backends.transformer_engine:
+    if backends.apex:
         return True
     if not (force or (backends.cuda and _mixed_precision_addmm())):
         return False

@@ -12,6 +12,14 @@ leaves the previous one as it was.
 checkpoint that exists, every shard file it lists must be present and long enough, and the
 checkpoint must hold the model this run builds (family, shapes, vocabulary). Each failure
 raises :class:`CheckpointError` naming the file and the mismatch.
+
+:func:`load_megatron_checkpoint` is Megatron's ``load_checkpoint`` made independent of the layer
+implementation: Transformer Engine modules carry an ``_extra_state`` (FP8 scaling metadata) that
+a checkpoint written with the torch-native spec, by ``convert hf-to-mcore`` or on a machine
+without TE does not hold; those are left at their defaults instead of failing the load. Legacy
+(``torch``) checkpoints name the norms the other implementation's way
+(``input_layernorm.weight`` or TE's ``self_attention.linear_qkv.layer_norm_weight``); each is
+read under the name this model uses.
 """
 
 from __future__ import annotations
@@ -26,13 +34,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from megatron.training.checkpointing import save_checkpoint
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException as DCPFailure
 
 from megatron_patch.conversion.files import atomic_write_text, fsync_path, fsync_tree
 from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.models.common.spec import TE_COMPATIBLE_KEYS
 
 TRACKER_FILE = "latest_checkpointed_iteration.txt"
+EXTRA_STATE = "_extra_state"
 STAGING_DIR = ".saving"
 # Megatron arguments that fix the model's parameters: a checkpoint differing in one cannot load.
 ARCHITECTURE_ARGS = (
@@ -326,3 +337,107 @@ def check_checkpoint_before_load(args: argparse.Namespace) -> Path | None:
         _check_model(saved, args, directory)
     _check_converted_tokenizer(args)
     return directory
+
+
+def _saved_keys(directory: Path) -> set[str] | None:
+    """The storage keys of a ``torch_dist`` checkpoint (None for another format)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (directory / ".metadata").is_file():
+        return None
+    return set(FileSystemReader(str(directory)).read_metadata().state_dict_metadata)
+
+
+def _without_missing_extra_state(state: dict, saved: set[str]) -> dict:
+    """``state`` (a sharded state dict) less the ``_extra_state`` objects ``saved`` lacks."""
+    kept = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            value = _without_missing_extra_state(value, saved)
+        elif (isinstance(value, ShardedObject) and value.key.endswith(EXTRA_STATE)
+              and value.unique_key not in saved):
+            continue
+        kept[key] = value
+    return kept
+
+
+def _layout_aliases(name: str) -> list[str]:
+    """The other layer implementation's names of a norm parameter (TE <-> torch-native)."""
+    aliases = []
+    for torch_name, te_name in TE_COMPATIBLE_KEYS.items():
+        for ours, theirs in ((f".{torch_name}", f".{te_name}"), (f".{te_name}", f".{torch_name}")):
+            if ours in name:
+                aliases.append(name.replace(ours, theirs, 1))
+    return aliases
+
+
+def _completed(state: dict, expected: list[str]) -> dict:
+    """``state`` with the keys ``expected`` names filled in: extra states it lacks as None (the
+    module keeps its defaults), norms it holds under the other implementation's name renamed."""
+    state = dict(state)
+    for name in expected:
+        if name in state:
+            continue
+        if name.endswith(EXTRA_STATE):
+            state[name] = None
+            continue
+        alias = next((a for a in _layout_aliases(name) if a in state), None)
+        if alias is not None:
+            state[name] = state.pop(alias)
+    return state
+
+
+def _filtering(build, saved: set[str] | None):
+    """``sharded_state_dict`` that leaves out the extra states ``saved`` lacks."""
+    def sharded_state_dict(*args, **kwargs):
+        state = build(*args, **kwargs)
+        return state if saved is None else _without_missing_extra_state(state, saved)
+
+    return sharded_state_dict
+
+
+def _completing(load, module: torch.nn.Module):
+    """``load_state_dict`` that first completes the state dict for ``module``."""
+    def load_state_dict(state_dict, *args, **kwargs):
+        expected = list(module.state_dict(keep_vars=True))
+        return load(_completed(state_dict, expected), *args, **kwargs)
+
+    return load_state_dict
+
+
+@contextlib.contextmanager
+def layout_independent_loading(chunks: list[torch.nn.Module], directory: Path | None
+                               ) -> Iterator[None]:
+    """While active, ``chunks`` load checkpoints of either layer implementation (see module)."""
+    from megatron.core.utils import unwrap_model
+
+    saved = _saved_keys(directory) if directory is not None else None
+    # Megatron builds the sharded state dict from the unwrapped model, loads into the wrapper.
+    patched = [(inner, "sharded_state_dict", _filtering(inner.sharded_state_dict, saved))
+               for inner in unwrap_model(chunks)]
+    patched += [(chunk, "load_state_dict", _completing(chunk.load_state_dict, chunk))
+                for chunk in chunks]
+    for module, name, replacement in patched:
+        setattr(module, name, replacement)
+    try:
+        yield
+    finally:
+        for module, name, _ in patched:
+            delattr(module, name)
+
+
+def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
+                             load_arg: str = "load", strict: bool = True) -> tuple[int, float]:
+    """Megatron's ``load_checkpoint`` of ``args.<load_arg>`` into ``model`` whichever layer
+    implementation (Transformer Engine or torch-native) wrote it; returns (iteration, flops)."""
+    from megatron.training import get_args
+
+    args = get_args()
+    load_dir = getattr(args, load_arg, None)
+    directory = None
+    latest = read_tracker(load_dir) if load_dir else None
+    if latest is not None:
+        step = getattr(args, "ckpt_step", None)
+        directory = iteration_dir(load_dir, latest if step is None else step)
+    with layout_independent_loading(model, directory):
+        return load_checkpoint(model, optimizer, scheduler, load_arg=load_arg, strict=strict)

@@ -24,7 +24,7 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
-from megatron.training.checkpointing import checkpoint_exists, load_checkpoint
+from megatron.training.checkpointing import checkpoint_exists
 from megatron.training.global_vars import get_args
 from megatron.training.training import (
     get_megatron_optimizer_config,
@@ -42,7 +42,7 @@ from megatron_patch.runtime.gpu_fast_paths import (
     compile_transformer_layers,
     use_fused_adam,
 )
-from megatron_patch.training.checkpoint import save_checkpoint_atomic
+from megatron_patch.training.checkpoint import load_megatron_checkpoint, save_checkpoint_atomic
 from megatron_patch.training.logging import TrainingLogger
 from megatron_patch.training.moe_metrics import moe_router_losses
 from megatron_patch.training.resilience import (
@@ -100,7 +100,7 @@ def setup_model_and_optimizer(
     scheduler = get_optimizer_param_scheduler(optimizer)
     state = TrainState(model, optimizer, scheduler)
     if args.load:
-        state.iteration, state.flops_so_far = load_checkpoint(
+        state.iteration, state.flops_so_far = load_megatron_checkpoint(
             model, optimizer, scheduler, strict=True
         )
     if fast_paths:
@@ -200,7 +200,14 @@ def train_step(state: TrainState, iterators: list, forward_step: ForwardStep,
     update_successful, grad_norm, _ = state.optimizer.step()
     if update_successful:
         state.scheduler.step(increment=args.global_batch_size)
-    return _reduce_reported(losses if _last_stage() else []), update_successful, grad_norm
+    return (_reduce_reported(losses if _last_stage() else []), update_successful,
+            as_float(grad_norm))
+
+
+def as_float(value: float | torch.Tensor | None) -> float | None:
+    """A reported number as a Python float: Transformer Engine's multi-tensor kernels give the
+    gradient norm as a one-element tensor, torch's and apex's paths as a float."""
+    return None if value is None else float(value)
 
 
 @torch.no_grad()

@@ -1,59 +1,87 @@
 #!/usr/bin/env bash
-# The whole single-GPU check, run on a CUDA machine from the repository root (README "GPU checks"):
-#   1. the CUDA-only unit tests;
-#   2. the main job (tiny Llama, shipped corpus) with PR=bf16: the loss must fall;
-#   3. full training step against HF transformers + torch.compile (1.1B shape, bf16 and fp8);
-#   4. fp8 against bf16 loss curves on the shipped corpus (FP8_SHAPE, default 1.1b; 300 steps);
-#   5. moe: a ~1B-parameter Qwen3-MoE shape trained in bf16 (tokens/s, router balance);
-#   6. generation: tokens/s of `megatron-patch generate`'s engine against HF generate;
-#   7. grpo: rollout and training tokens/s of GRPO on a Qwen2.5-0.5B shape.
-# Wheels in .whl/ (e.g. megatron-core, torchao) are installed first when the machine lacks them.
-# SKIP="bench parity" skips steps by name (tests, main, bench, parity, moe, generation,
-# grpo).
+# The whole single-GPU check, run on a CUDA machine from the repository root (README "GPU checks"),
+# once per software configuration: "te" (Transformer Engine installed) and "torch" (without it).
+#   journeys: every user journey through the public commands, one table (tests/gpu/journeys.py);
+#   tests:    the CUDA-only unit tests;
+#   fidelity: 300-step bf16 and fp8 loss curves of the 1.1B shape on the shipped corpus per
+#             configuration (fp8_loss_parity), and the bf16 curves of "te" and "torch" compared
+#             step by step (within 1% after step 50);
+#   bench:    full training step against HF transformers + torch.compile (1.1B shape, bf16, fp8);
+#   moe, generation, grpo: the MoE, generation and GRPO benchmarks.
+# Wheels in .whl/ (megatron-core, torchao, and Transformer Engine with its pydantic needs) are
+# installed into /tmp/site-te (all of them) and /tmp/site-torch (all but transformer_engine);
+# without a TE wheel only "torch" runs. CONFIGS="torch" picks configurations, SKIP="bench moe"
+# skips steps by name, OUT (default output/gpu) keeps the results.
 set -uo pipefail
-if [[ -d .whl ]]; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl && export PYTHONPATH="/tmp/site:$PWD"
-fi
-export PYTHONUNBUFFERED=1 PYTHON="${PYTHON:-python3}" CUDA_DEVICE_MAX_CONNECTIONS=1
+export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 RESULTS="${OUT:-output/gpu}"
 SKIP="${SKIP:-}"
 mkdir -p "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 
-if wanted tests; then
-  echo "== CUDA unit tests"
-  "$PYTHON" -m pytest -q tests/test_gpu_fast_paths.py 2>&1 | tail -3
+declare -A SITE
+if [[ -d .whl ]]; then
+  install() {  # install() DIR WHEEL...: a fresh directory per configuration
+    rm -rf "$1" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+      --target "$1" "${@:2}"
+  }
+  mapfile -t without_te < <(ls .whl/*.whl | grep -v /transformer_engine-)
+  install /tmp/site-torch "${without_te[@]}" && SITE[torch]=/tmp/site-torch
+  if ls .whl/transformer_engine-*.whl >/dev/null 2>&1; then
+    install /tmp/site-te .whl/*.whl && SITE[te]=/tmp/site-te
+  fi
+else
+  SITE[installed]=/nonexistent  # the machine's own packages
 fi
-if wanted main; then
-  echo "== main job, PR=bf16"
-  bash examples/llama/run_pretrain_mcore_llama.sh dsw tiny 8 16 1e-3 1e-4 128 128 bf16 1 1 1 \
-    false false true none 100 shipped none 409600 40960 "$RESULTS/main" 2>&1 \
-    | tee "$RESULTS/main_job.log" | grep -E "iteration +(10|50|100|150|200)/|rror|saved"
+CONFIGS="${CONFIGS:-$(printf '%s\n' "${!SITE[@]}" | sort | tr '\n' ' ')}"
+echo "configurations: $CONFIGS"
+with() {  # with CONFIG COMMAND...: run with that configuration's packages first on the path
+  PYTHONPATH="${SITE[$1]}:$PWD" "${@:2}"
+}
+
+if wanted journeys; then
+  echo "== user journeys"
+  args=()
+  for c in $CONFIGS; do args+=(--config "$c=${SITE[$c]}"); done
+  python3 -m tests.gpu.journeys "${args[@]}" --out "$RESULTS/journeys" 2>&1 \
+    | tee "$RESULTS/journeys.txt"
 fi
-if wanted bench; then
-  echo "== training step vs HF + torch.compile"
-  "$PYTHON" -m toolkits.benchmark.bench_training_step --shape 1.1b --seq 2048 --mbs 4 2>&1 \
-    | grep -v Warning | tee "$RESULTS/bench_training_step.txt" | tail -8
-fi
-if wanted parity; then
-  echo "== fp8 vs bf16 loss on the shipped corpus"
-  "$PYTHON" -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" --iters 300 2>&1 \
-    | tee "$RESULTS/fp8_loss_parity.txt" | tail -22
-fi
-if wanted moe; then
-  echo "== MoE training, bf16"
-  "$PYTHON" -m toolkits.benchmark.bench_moe_training --steps "${MOE_STEPS:-20}" 2>&1 \
-    | grep -v Warning | tee "$RESULTS/bench_moe_training.txt" | tail -6
-fi
-if wanted generation; then
-  echo "== generation vs HF generate"
-  "$PYTHON" -m toolkits.benchmark.bench_generation --batches "${GEN_BATCHES:-1,32}" 2>&1 \
-    | grep -v Warning | tee "$RESULTS/bench_generation.txt" | tail -6
-fi
-if wanted grpo; then
-  echo "== GRPO rollout and training"
-  "$PYTHON" -m toolkits.benchmark.bench_grpo 2>&1 | grep -v Warning \
-    | tee "$RESULTS/bench_grpo.txt" | tail -4
+for c in $CONFIGS; do
+  if wanted tests; then
+    echo "== [$c] CUDA unit tests"
+    with "$c" python3 -m pytest -q -p no:cacheprovider tests/test_gpu_fast_paths.py \
+      tests/test_wgrad_accumulation.py 2>&1 | tail -3
+  fi
+  if wanted fidelity; then
+    echo "== [$c] bf16 and fp8 loss curves on the shipped corpus"
+    with "$c" python3 -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" \
+      --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --curves "$RESULTS/curves_$c.json" 2>&1 \
+      | tee "$RESULTS/fp8_loss_parity_$c.txt" | tail -22
+  fi
+  if wanted bench; then
+    echo "== [$c] training step vs HF + torch.compile"
+    with "$c" python3 -m toolkits.benchmark.bench_training_step --shape 1.1b --seq 2048 --mbs 4 \
+      2>&1 | grep -v Warning | tee "$RESULTS/bench_training_step_$c.txt" | tail -8
+  fi
+  if wanted moe; then
+    echo "== [$c] MoE training, bf16"
+    with "$c" python3 -m toolkits.benchmark.bench_moe_training --steps "${MOE_STEPS:-20}" 2>&1 \
+      | grep -v Warning | tee "$RESULTS/bench_moe_training_$c.txt" | tail -6
+  fi
+  if wanted generation; then
+    echo "== [$c] generation vs HF generate"
+    with "$c" python3 -m toolkits.benchmark.bench_generation --batches "${GEN_BATCHES:-1,32}" \
+      2>&1 | grep -v Warning | tee "$RESULTS/bench_generation_$c.txt" | tail -6
+  fi
+  if wanted grpo; then
+    echo "== [$c] GRPO rollout and training"
+    with "$c" python3 -m toolkits.benchmark.bench_grpo 2>&1 | grep -v Warning \
+      | tee "$RESULTS/bench_grpo_$c.txt" | tail -4
+  fi
+done
+if wanted fidelity && [[ -f "$RESULTS/curves_te.json" && -f "$RESULTS/curves_torch.json" ]]; then
+  echo "== bf16 with Transformer Engine against bf16 without it, step by step"
+  python3 -m toolkits.benchmark.fp8_loss_parity --compare "$RESULTS/curves_te.json" \
+    "$RESULTS/curves_torch.json" --after 50 2>&1 | tee "$RESULTS/te_vs_torch.txt"
 fi

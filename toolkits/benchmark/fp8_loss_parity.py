@@ -6,12 +6,17 @@ Llama-shaped model from the same initialisation twice through the ``pretrain`` e
 float8 otherwise) and prints both loss curves, the relative gap of the mean loss over the last
 ``--window`` iterations, and each run's mean iteration time. Exits non-zero when the gap exceeds
 ``--tolerance`` (default 1%). GPU only. Run: ``python -m toolkits.benchmark.fp8_loss_parity
-[--shape 3b] [--iters 300] [--seq 2048] [--mbs 2] [--output DIR]``.
+[--shape 3b] [--iters 300] [--seq 2048] [--mbs 2] [--output DIR] [--curves FILE.json]``.
+
+``--compare A.json B.json`` compares the bf16 curves of two such runs (e.g. with and without
+Transformer Engine) step by step: the relative gap at every step after ``--after`` (default 50)
+must stay within ``--tolerance``.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import re
 import statistics
@@ -64,6 +69,26 @@ def _train(opts: argparse.Namespace, data: str, fp8: bool) -> dict[int, tuple[fl
     return found
 
 
+def _bf16_curve(file: str) -> dict[int, float]:
+    return {int(k): v for k, v in json.loads(Path(file).read_text())["bf16"].items()}
+
+
+def compare(files: list[str], after: int, tolerance: float) -> int:
+    """Print the step-by-step gap of two runs' bf16 curves; 1 when one exceeds ``tolerance``."""
+    (name_a, a), (name_b, b) = ((f, _bf16_curve(f)) for f in files)
+    steps = sorted(set(a) & set(b))
+    gaps = {s: abs(a[s] - b[s]) / b[s] for s in steps}
+    print(f"{'iteration':>9}{Path(name_a).stem:>12}{Path(name_b).stem:>12}{'gap':>9}")
+    for step in steps:
+        if step % 20 == 0 or step == steps[-1] or step in (1, 10):
+            print(f"{step:>9}{a[step]:>12.4f}{b[step]:>12.4f}{gaps[step]:>9.2%}")
+    late = [s for s in steps if s > after]
+    worst = max(late, key=gaps.get)
+    print(f"largest gap after step {after}: {gaps[worst]:.2%} at step {worst} "
+          f"(tolerance {tolerance:.0%}): {'OK' if gaps[worst] <= tolerance else 'FAILED'}")
+    return int(gaps[worst] > tolerance)
+
+
 def main() -> int:
     """Train bf16 and fp8, print the curves and the gap; 1 when over tolerance."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -74,12 +99,22 @@ def main() -> int:
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--output", default=None, help="work directory (default: a temp dir)")
+    parser.add_argument("--curves", default=None, help="write both loss curves to this JSON")
+    parser.add_argument("--compare", nargs=2, metavar="JSON",
+                        help="compare the bf16 curves of two --curves files instead")
+    parser.add_argument("--after", type=int, default=50, help="--compare: first step checked")
     opts = parser.parse_args()
+    if opts.compare:
+        return compare(opts.compare, opts.after, opts.tolerance)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(opts.output or tmp)
         out.mkdir(parents=True, exist_ok=True)
         data = _preprocess(out)
         bf16, fp8 = _train(opts, data, fp8=False), _train(opts, data, fp8=True)
+    if opts.curves:
+        Path(opts.curves).write_text(json.dumps(
+            {name: {step: loss for step, (loss, _) in curve.items()}
+             for name, curve in (("bf16", bf16), ("fp8", fp8))}))
     print(f"{'iteration':>9}{'bf16 loss':>11}{'fp8 loss':>10}")
     for step in sorted(bf16):
         if step % max(1, opts.iters // 15) == 0 or step == max(bf16):

@@ -35,7 +35,7 @@ from megatron_patch.models.common.norm import PatchNorm
 
 # Same key mapping as Megatron's own local spec, so torch_dist checkpoints written with the
 # torch-native spec and with the Transformer Engine spec are interchangeable.
-_TE_COMPATIBLE_KEYS = {
+TE_COMPATIBLE_KEYS = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
     "pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_",
 }
@@ -117,7 +117,7 @@ def torch_mlp_spec(config: TransformerConfig, experts: int | None) -> MlpBuilder
 
 def te_compatible_keys(experts: int | None) -> dict[str, str]:
     """``sharded_state_dict_keys_map`` giving a torch-native layer Transformer Engine's keys."""
-    keys = dict(_TE_COMPATIBLE_KEYS)
+    keys = dict(TE_COMPATIBLE_KEYS)
     if experts:
         keys.pop("pre_mlp_layernorm.")
     return keys

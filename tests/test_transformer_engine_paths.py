@@ -1,0 +1,82 @@
+"""What changes when Transformer Engine is installed, checked without it (CPU).
+
+Each case is one failure of the first GPU run with TE 2.18 (no apex, no flash-attn): Megatron's
+own linears lost the gradient-accumulation kernel, ``FL=true`` asked TE for flash-attn, TE's
+gradient norm (a tensor) broke the log line, and TE's fused-norm parameters were initialised as
+weights instead of ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.launch.command import compose
+from megatron_patch.launch.settings import RunSettings
+from megatron_patch.models import init
+from megatron_patch.runtime import gpu_fast_paths
+from megatron_patch.runtime.backends import Backends, flash_attention_backend
+from megatron_patch.training.loop import as_float
+
+TE_ONLY = Backends(cuda=True, transformer_engine=True, apex=False, flash_attn=False)
+CONTAINER = Backends(cuda=True, transformer_engine=True, apex=True, flash_attn=True)
+TORCH = Backends(cuda=True, transformer_engine=False, apex=False, flash_attn=False)
+
+
+def test_megatron_linears_get_the_torch_wgrad_kernel_next_to_transformer_engine(monkeypatch):
+    from megatron.core.tensor_parallel import layers
+
+    monkeypatch.setattr(gpu_fast_paths, "available_backends", lambda: TE_ONLY)
+    monkeypatch.setattr(gpu_fast_paths, "_mixed_precision_addmm", lambda: True)
+    monkeypatch.setattr(layers, "_grad_accum_fusion_available", False)
+    monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", None, raising=False)
+    assert gpu_fast_paths.install_wgrad_accumulation()
+    assert layers.fused_weight_gradient_mlp_cuda is gpu_fast_paths.TorchWgradAccumulation
+
+
+@pytest.mark.parametrize("backends, flag", [(TE_ONLY, "fused"), (CONTAINER, "flash"),
+                                            (TORCH, None)])
+def test_fl_true_asks_for_an_installed_attention_backend(backends, flag, tmp_path, monkeypatch):
+    assert flash_attention_backend(backends)[0] == flag
+    monkeypatch.setenv("NPROC_PER_NODE", "1")
+    launch = compose("llama", "pretrain", RunSettings(output_basepath=str(tmp_path), fl=True,
+                                                      pr="bf16"), [], backends)
+    if flag is None:
+        assert "--attention-backend" not in launch.train
+    else:
+        assert launch.train[launch.train.index("--attention-backend") + 1] == flag
+    assert any(note.startswith("FL=true: ") for note in launch.notes)
+
+
+def test_gradient_norm_of_transformer_engine_is_logged_as_a_float():
+    assert as_float(torch.tensor([2.5])) == 2.5 and isinstance(as_float(torch.tensor([1.0])), float)
+    assert as_float(None) is None and f"{as_float(torch.tensor([0.25])):.3f}" == "0.250"
+
+
+class _TELayerNormLinear(torch.nn.Module):
+    """Transformer Engine's fused norm + linear parameter names."""
+
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(8, 8))
+        self.layer_norm_weight = torch.nn.Parameter(torch.empty(8))
+        self.layer_norm_bias = torch.nn.Parameter(torch.empty(8))
+
+
+class RMSNorm(torch.nn.Module):  # noqa: D101 - TE's norm class is a torch Module named so
+    def __init__(self):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(8))
+
+
+def test_transformer_engine_norm_parameters_start_at_one(model_parallel):
+    config = TransformerConfig(num_layers=2, hidden_size=8, num_attention_heads=2,
+                               init_method_std=0.02)
+    chunk = torch.nn.Module()
+    chunk.linear_qkv, chunk.final_layernorm = _TELayerNormLinear(), RMSNorm()
+    init.init_layout_invariant([chunk], config, seed=3, tied=False)
+    assert torch.equal(chunk.linear_qkv.layer_norm_weight, torch.ones(8))
+    assert torch.equal(chunk.linear_qkv.layer_norm_bias, torch.zeros(8))
+    assert torch.equal(chunk.final_layernorm.weight, torch.ones(8))
+    assert 0.01 < chunk.linear_qkv.weight.std() < 0.03
