@@ -11,10 +11,10 @@
 # Wheels in .whl/ (megatron-core, torchao, and Transformer Engine with its pydantic needs) are
 # installed into /tmp/site-te (all of them) and /tmp/site-torch (all but transformer_engine);
 # without a TE wheel only "torch" runs. CONFIGS="torch" picks configurations, SKIP="bench moe"
-# skips steps by name, OUT (default output/gpu) keeps the results.
+# skips steps by name, RESULTS_DIR (default output/gpu) keeps the results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
-RESULTS="${OUT:-output/gpu}"
+RESULTS="${RESULTS_DIR:-output/gpu}"
 SKIP="${SKIP:-}"
 mkdir -p "$RESULTS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
