@@ -10,8 +10,9 @@
 #   moe, generation, grpo: the MoE, generation and GRPO benchmarks.
 # Wheels in .whl/ (megatron-core, torchao, and Transformer Engine with its pydantic needs) are
 # installed into /tmp/site-te (all of them) and /tmp/site-torch (all but transformer_engine);
-# without a TE wheel only "torch" runs. CONFIGS="torch" picks configurations, SKIP="bench moe"
-# skips steps by name, RESULTS_DIR (default output/gpu) keeps the results.
+# without a TE wheel only "torch" runs (REUSE=1 keeps directories an earlier run installed).
+# CONFIGS="torch" picks configurations, SKIP="bench moe" skips steps by name, FIDELITY_FP8=0
+# trains the bf16 curves only, RESULTS_DIR (default output/gpu) keeps the results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 RESULTS="${RESULTS_DIR:-output/gpu}"
@@ -22,7 +23,8 @@ wanted() { [[ " $SKIP " != *" $1 "* ]]; }
 
 declare -A SITE
 if [[ -d .whl ]]; then
-  install() {  # install() DIR WHEEL...: a fresh directory per configuration
+  install() {  # install() DIR WHEEL...: a fresh directory per configuration (REUSE=1 keeps one)
+    [[ "${REUSE:-0}" == 1 && -d "$1" ]] && return 0
     rm -rf "$1" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --target "$1" "${@:2}"
   }
@@ -56,7 +58,8 @@ for c in $CONFIGS; do
   if wanted fidelity; then
     echo "== [$c] bf16 and fp8 loss curves on the shipped corpus"
     with "$c" python3 -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" \
-      --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --curves "$RESULTS/curves_$c.json" 2>&1 \
+      --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --curves "$RESULTS/curves_$c.json" \
+      $([[ "${FIDELITY_FP8:-1}" == 0 ]] && echo --no-fp8) 2>&1 \
       | tee "$RESULTS/fp8_loss_parity_$c.txt" | tail -22
   fi
   if wanted bench; then
@@ -82,6 +85,6 @@ for c in $CONFIGS; do
 done
 if wanted fidelity && [[ -f "$RESULTS/curves_te.json" && -f "$RESULTS/curves_torch.json" ]]; then
   echo "== bf16 with Transformer Engine against bf16 without it, step by step"
-  python3 -m toolkits.benchmark.fp8_loss_parity --compare "$RESULTS/curves_te.json" \
+  with torch python3 -m toolkits.benchmark.fp8_loss_parity --compare "$RESULTS/curves_te.json" \
     "$RESULTS/curves_torch.json" --after 50 2>&1 | tee "$RESULTS/te_vs_torch.txt"
 fi

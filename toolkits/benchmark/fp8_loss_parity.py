@@ -100,6 +100,8 @@ def main() -> int:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--output", default=None, help="work directory (default: a temp dir)")
     parser.add_argument("--curves", default=None, help="write both loss curves to this JSON")
+    parser.add_argument("--no-fp8", dest="fp8", action="store_false",
+                        help="train the bf16 curve only (for --compare)")
     parser.add_argument("--compare", nargs=2, metavar="JSON",
                         help="compare the bf16 curves of two --curves files instead")
     parser.add_argument("--after", type=int, default=50, help="--compare: first step checked")
@@ -110,11 +112,16 @@ def main() -> int:
         out = Path(opts.output or tmp)
         out.mkdir(parents=True, exist_ok=True)
         data = _preprocess(out)
-        bf16, fp8 = _train(opts, data, fp8=False), _train(opts, data, fp8=True)
+        bf16 = _train(opts, data, fp8=False)
+        fp8 = _train(opts, data, fp8=True) if opts.fp8 else {}
     if opts.curves:
         Path(opts.curves).write_text(json.dumps(
             {name: {step: loss for step, (loss, _) in curve.items()}
              for name, curve in (("bf16", bf16), ("fp8", fp8))}))
+    if not opts.fp8:
+        print(f"bf16 loss: step 1 {bf16[min(bf16)][0]:.4f}, step {max(bf16)} "
+              f"{bf16[max(bf16)][0]:.4f}")
+        return 0
     print(f"{'iteration':>9}{'bf16 loss':>11}{'fp8 loss':>10}")
     for step in sorted(bf16):
         if step % max(1, opts.iters // 15) == 0 or step == max(bf16):
