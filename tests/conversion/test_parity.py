@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from megatron_patch.conversion import convert_hf_to_mcore
-from tests.conversion.tiny_models import CASES, FEW_LAYOUTS, MQA_CASES, save_tiny_model
+from tests.conversion.tiny_models import CASES, FEW_LAYOUTS, save_tiny_model
 from tests.launch import REPO, run_module
 
 TOLERANCE = 1e-4
@@ -20,9 +20,7 @@ LAYOUTS = [(1, 1), (2, 1), (1, 2), (2, 2)]
 
 
 def _checked(case: str, tp: int, pp: int) -> bool:
-    if case in MQA_CASES and tp > 1:  # Megatron splits kv groups over TP
-        return False
-    return case not in FEW_LAYOUTS or tp == pp or case in MQA_CASES
+    return case not in FEW_LAYOUTS or tp == pp
 
 
 def _cases(hf_models, converted, tmp):
