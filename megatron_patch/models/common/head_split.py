@@ -2,7 +2,7 @@
 training checks and conversion.
 
 With at least as many key/value heads (query groups) as TP ranks, each rank holds
-``groups / TP`` of them. With fewer (multi-query attention: Falcon-7B, StarCoder; GQA with
+``groups / TP`` of them. With fewer (multi-query attention: StarCoder, Gemma-2B; GQA with
 few groups), Megatron-Core (``Attention``, 0.19) splits the fused QKV projection's rows evenly
 over the ranks, all-gathers its output and gives each rank its group's key/value head whole
 with ``heads / TP`` of that group's query heads; the projection's gradient returns through the
