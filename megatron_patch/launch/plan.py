@@ -3,8 +3,8 @@
     megatron-patch plan --model qwen2.5-7b --gpus 8 --seq 4096 [--gpu-mem 80] [--gbs 64]
 
 Every layout of TP (within a node, dividing the attention heads and dividing or a multiple of the
-key/value heads: ``models/common/head_split.py``), PP (dividing the
-layers), VPP, EP (MoE), micro-batch size and recompute (none, selective, full) is estimated with
+key/value heads: ``models/common/head_split.py``), PP (dividing the layers), VPP, EP (MoE),
+micro-batch size and recompute (none, selective, full) is estimated with
 :mod:`megatron_patch.launch.memory`; among those that fit ``--gpu-mem`` the one with the best
 relative throughput is proposed. Throughput is a documented heuristic, not a measurement:
 pipeline bubble ``(PP-1)/(VPP*M+PP-1)``, full recompute costs an extra forward pass (x0.75),

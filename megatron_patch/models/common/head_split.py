@@ -45,5 +45,5 @@ def model_kv_split_problem(model: Mapping[str, Any], tp: int) -> str | None:
                                                                    True) else heads
     if groups % tp == 0:
         return None
-    head_dim = model.get("kv_channels") or model["hidden_size"] // heads
+    head_dim = model.get("kv_channels") or (model.get("hidden_size") or 0) // heads
     return kv_split_problem(heads, groups, head_dim, tp)
