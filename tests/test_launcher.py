@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from megatron_patch.launch.command import SHIPPED_CHAT, compose
+from megatron_patch.launch.command import SHIPPED_CHAT, compose, validate
 from megatron_patch.launch.settings import POSITIONAL, LaunchError, RunSettings, parse_positional
 from megatron_patch.runtime.backends import Backends
 
@@ -319,9 +319,20 @@ def test_layout_checks_before_launch(settings, message, monkeypatch):
         compose("llama", "pretrain", RunSettings(**settings), [], CPU)
 
 
-def test_expert_checks():
-    from megatron_patch.launch.command import validate
+def test_multi_query_models_split_their_query_heads_over_tensor_parallel_ranks(monkeypatch):
+    """One key/value head does not limit TP (each rank uses it whole); the query heads do."""
+    monkeypatch.setenv("NPROC_PER_NODE", "2")
+    cmd = compose("starcoder", "pretrain", RunSettings(tp=2, sp=True), [], CPU).train
+    assert _value(cmd, "--tensor-model-parallel-size") == "2"
+    assert "--group-query-attention" in cmd and "--num-query-groups" not in cmd  # default 1
+    with pytest.raises(LaunchError, match="TP=2 must divide the 71 attention heads"):
+        compose("falcon", "pretrain", RunSettings(model_size="7B", tp=2), [], CPU)
+    with pytest.raises(LaunchError, match="TP=2: 3 key/value heads cannot be shared out"):
+        validate(RunSettings(tp=2), {"num_attention_heads": 6, "num_query_groups": 3,
+                                     "num_layers": 4, "hidden_size": 96}, 2, CPU)
 
+
+def test_expert_checks():
     model = {"num_attention_heads": 8, "num_query_groups": 8, "num_layers": 4, "num_experts": 6}
     te = Backends(cuda=True, transformer_engine=True, apex=False, flash_attn=False)
     with pytest.raises(LaunchError, match="EP=4 must divide the 6 experts"):

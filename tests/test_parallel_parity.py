@@ -34,5 +34,16 @@ def test_layout_matches_single_process(reference, layout):
         assert got[iteration] == pytest.approx(loss, rel=1e-5), (iteration, got, reference)
 
 
+@pytest.mark.distributed
+def test_multi_query_attention_at_tp2_matches_single_process():
+    """One key/value head for two TP ranks (with SP): Megatron's all-gathered QKV path."""
+    mqa = TINY_MODEL + MOCK_DATA + TRAIN + ["--num-query-groups", "1"]
+    reference = pretrain(mqa, nproc=1)
+    got = pretrain(mqa + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], nproc=2)
+    assert got.keys() == reference.keys()
+    for iteration, loss in reference.items():
+        assert got[iteration] == pytest.approx(loss, rel=1e-5), (iteration, got, reference)
+
+
 def test_loss_falls(reference):
     assert reference[3] < reference[1]

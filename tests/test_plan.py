@@ -174,6 +174,19 @@ def test_plan_honours_pins_and_reads_hf_directories(tmp_path, capsys):
                            and "SP=false" in line for line in layouts)
 
 
+def test_multi_query_models_are_planned_at_tensor_parallelism(capsys):
+    """StarCoder (48 query heads, 1 key/value head) may use TP; a rank keeps the all-gathered
+    QKV output for the backward."""
+    assert plan_main(["--model", "starcoder", "--gpus", "8", "--seq", "8192", "--tp", "4"]) == 0
+    assert "TP=4 " in capsys.readouterr().out.split("proposed: ")[1].splitlines()[0]
+    mqa = Shape(**{**GPT.__dict__, "groups": 1})
+    d, t = H // A, 4
+    layout = Layout(seq=S, micro_batch=B, tp=t, sp=True)
+    qkv_mha, qkv_mqa = 4 * A * d / t, (A + 2) * d + A * d / t  # per token: Q, K, V, proj input
+    assert layer_activation_bytes(mqa, layout) - layer_activation_bytes(GPT, layout) \
+        == pytest.approx(2 * S * B * (qkv_mqa - qkv_mha))
+
+
 def test_estimate_picks_the_busiest_stage():
     model = Shape(layers=4, hidden=256, ffn=1024, heads=4, groups=4, head_dim=64, vocab=150000)
     layout = Layout(pp=2, seq=1024, global_batch=8)

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 
 from megatron_patch.conversion.files import atomic_write_text
+from megatron_patch.models.common.head_split import model_kv_split_problem
 
 CARD_VERSION = 1
 _LAYOUT = re.compile(r"^tp(\d+)pp(\d+)(?:ep(\d+))?$")
@@ -59,9 +60,12 @@ def parse_layouts(text: str) -> list[Layout]:
 
 def layout_problem(model: Mapping[str, Any], layout: Layout) -> str | None:
     """Why ``layout`` cannot run this model (Megatron args of the family mapping), or None."""
-    for field in ("num_attention_heads", "num_query_groups"):
-        if model.get(field) and model[field] % layout.tp:
-            return f"TP {layout.tp} does not divide {field}={model[field]}"
+    heads = model.get("num_attention_heads")
+    if heads and heads % layout.tp:
+        return f"TP {layout.tp} does not divide num_attention_heads={heads}"
+    kv_problem = model_kv_split_problem(model, layout.tp)
+    if kv_problem:
+        return f"TP {layout.tp}: {kv_problem}"
     if model.get("num_layers") and model["num_layers"] % layout.pp:
         return f"PP {layout.pp} does not divide num_layers={model['num_layers']}"
     experts = model.get("num_experts")

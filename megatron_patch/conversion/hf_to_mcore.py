@@ -26,6 +26,7 @@ from megatron_patch.conversion.legacy import save_legacy
 from megatron_patch.conversion.metadata import write_checkpoint_metadata
 from megatron_patch.conversion.torch_dist import save_torch_dist
 from megatron_patch.models.builder import transformer_config_from_args
+from megatron_patch.models.common.head_split import model_kv_split_problem
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import (
     HFConfig,
@@ -67,10 +68,13 @@ def _layout_values(tp: int, pp: int, vpp: int | None, first: int | None,
 
 def _check_parallel(model: MegatronArgs, tp: int, pp: int, vpp: int | None, ep: int = 1,
                     etp: int | None = None, ckpt_format: str = "torch_dist") -> None:
-    for field in ("num_attention_heads", "num_query_groups"):
-        if model.get(field) and model[field] % tp:
-            raise ConversionError(f"--tp {tp} must divide {field}={model[field]} "
-                                  "(Megatron splits attention heads and key/value groups)")
+    heads = model.get("num_attention_heads")
+    if heads and heads % tp:
+        raise ConversionError(f"--tp {tp} must divide num_attention_heads={heads} (Megatron "
+                              "splits the attention heads)")
+    kv_problem = model_kv_split_problem(model, tp)
+    if kv_problem:
+        raise ConversionError(f"--tp {tp}: {kv_problem}")
     if vpp and pp == 1:
         raise ConversionError("--vpp needs --pp > 1")
     experts = model.get("num_experts")

@@ -3,7 +3,9 @@
 Megatron marks every tensor-parallel parameter with ``partition_dim``; a shard is a contiguous
 chunk along it, with one exception: a gated MLP's ``linear_fc1`` stores ``[gate; up]`` and each
 rank holds ``[gate_r; up_r]``. The fused QKV layout is grouped per query group, so contiguous
-chunks along dim 0 already give each rank whole groups.
+chunks along dim 0 give each rank whole groups; with fewer groups than ranks they are
+Megatron-Core's even split of the rows too (its attention all-gathers them and takes its group,
+``models/common/head_split.py``).
 """
 
 from __future__ import annotations

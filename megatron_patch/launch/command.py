@@ -20,6 +20,7 @@ from megatron_patch.launch.settings import (
     LaunchError,
     RunSettings,
 )
+from megatron_patch.models.common.head_split import model_kv_split_problem
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import HFConfig, family_for_hf_config, get_family
 from megatron_patch.runtime.backends import Backends, flash_attention_backend
@@ -69,14 +70,14 @@ def validate(settings: RunSettings, model: dict, world: int, backends: Backends)
     """
     s = settings
     model_parallel = s.tp * s.pp * s.cp
-    heads, groups, layers = (model["num_attention_heads"], model["num_query_groups"],
-                             model["num_layers"])
+    heads, layers = model["num_attention_heads"], model["num_layers"]
     experts = model.get("num_experts")
+    kv_problem = model_kv_split_problem(model, s.tp)
     checks = [
         (world % model_parallel == 0,
          f"{world} processes are not divisible by TP*PP*CP={s.tp}*{s.pp}*{s.cp}"),
         (heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
-        (groups % s.tp == 0, f"TP={s.tp} must divide the {groups} key/value heads"),
+        (kv_problem is None, f"TP={s.tp}: {kv_problem}"),
         (layers % (s.pp * s.vpp) == 0,
          f"PP*VPP={s.pp}*{s.vpp} must divide the {layers} layers" if s.vpp > 1 else
          f"PP={s.pp} must divide the {layers} layers"),

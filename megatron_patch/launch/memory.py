@@ -314,7 +314,10 @@ def layer_activation_bytes(shape: Shape, layout: Layout, moe: bool = False) -> f
         stored += 2 * s * b * (2 * qk + 2 * a * m["v_head_dim"]) / t
     else:
         # Q, K, V (inputs of QK^T and of the attention over V) and the output projection input.
-        stored += 2 * s * b * (a * d + 2 * g * d + a * d) / t
+        # With fewer key/value heads than TP ranks Megatron all-gathers the fused QKV output and
+        # a rank's Q, K, V are views of it, which keep it whole.
+        qkv = (a + 2 * g) * d / (t if g >= t else 1)
+        stored += 2 * s * b * (qkv + a * d / t)
     if not layout.flash_attention and layout.recompute == "none":
         # Softmax output, and with attention dropout its mask and output.
         scores = 2 + (3 if shape.attention_dropout > 0 else 0)

@@ -2,8 +2,9 @@
 
     megatron-patch plan --model qwen2.5-7b --gpus 8 --seq 4096 [--gpu-mem 80] [--gbs 64]
 
-Every layout of TP (within a node, dividing the attention and key/value heads), PP (dividing the
-layers), VPP, EP (MoE), micro-batch size and recompute (none, selective, full) is estimated with
+Every layout of TP (within a node, dividing the attention heads and dividing or a multiple of the
+key/value heads: ``models/common/head_split.py``), PP (dividing the layers), VPP, EP (MoE),
+micro-batch size and recompute (none, selective, full) is estimated with
 :mod:`megatron_patch.launch.memory`; among those that fit ``--gpu-mem`` the one with the best
 relative throughput is proposed. Throughput is a documented heuristic, not a measurement:
 pipeline bubble ``(PP-1)/(VPP*M+PP-1)``, full recompute costs an extra forward pass (x0.75),
@@ -22,6 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
+from megatron_patch.models.common.head_split import kv_split_problem
 
 RECOMPUTE_COST = {"none": 1.0, "sel": 0.97, "full": 0.75}
 
@@ -63,7 +65,8 @@ def candidates(shape: Shape, gpus: int, seq: int, global_batch: int, *, gpu_mem_
 
     found = []
     tps = allowed("tp", [t for t in _divisors(min(gpus, gpus_per_node))
-                         if shape.heads % t == 0 and shape.groups % t == 0])
+                         if shape.heads % t == 0
+                         and not kv_split_problem(shape.heads, shape.groups, shape.head_dim, t)])
     for tp in tps:
         for pp in allowed("pp", [p for p in _divisors(shape.layers) if gpus % (tp * p) == 0]):
             dp = gpus // (tp * pp)

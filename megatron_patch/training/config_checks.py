@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 
+from megatron_patch.models.common.head_split import model_kv_split_problem
+
 
 class ConfigError(ValueError):
     """A combination of training flags that cannot run; the message names the flags."""
@@ -32,10 +34,14 @@ def _parallel_problems(args: argparse.Namespace) -> list[str]:
                         f"chunks: --seq-length {args.seq_length} must be a multiple of {2 * cp}")
     heads = args.num_attention_heads
     groups = args.num_query_groups if args.group_query_attention else heads
-    for flag, value in (("--num-attention-heads", heads), ("--num-query-groups", groups),
+    for flag, value in (("--num-attention-heads", heads),
                         ("--ffn-hidden-size", args.ffn_hidden_size)):
         if not _divides(tp, value):
             problems.append(f"--tensor-model-parallel-size {tp} must divide {flag} {value}")
+    kv_problem = model_kv_split_problem(vars(args), tp)
+    if kv_problem:
+        problems.append(f"--tensor-model-parallel-size {tp} with --num-query-groups {groups}: "
+                        f"{kv_problem}")
     if groups and heads and heads % groups:
         problems.append(f"--num-query-groups {groups} must divide --num-attention-heads {heads}")
     if args.kv_channels is None and heads and args.hidden_size % heads:

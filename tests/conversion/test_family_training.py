@@ -1,16 +1,15 @@
 """Every issue-9 family pretrains from its converted tiny checkpoint with a falling loss.
 
 One torchrun launch of 2 gloo processes runs them all through the pretrain entry point
-(``--load`` of the converted release checkpoint, mock data): tensor parallelism with sequence
-parallelism where the model allows it (so ALiBi slopes per shard, the extra norms' gradients
-and the NormHead train under TP), pipeline parallelism for the one-key/value-head models.
+(``--load`` of the converted release checkpoint, mock data) with tensor and sequence
+parallelism (so ALiBi slopes per shard, the extra norms' gradients, the NormHead and the
+one-key/value-head models' attention train under TP).
 """
 
 import json
 
 import pytest
 
-from tests.conversion.tiny_models import MQA_CASES
 from tests.launch import run_module
 
 TRAIN = ["--dataset", "mock", "--seq-length", "32", "--micro-batch-size", "2",
@@ -21,19 +20,14 @@ TRAIN = ["--dataset", "mock", "--seq-length", "32", "--micro-batch-size", "2",
 CONVERTED = ["bloom", "falcon_mqa", "falcon_gqa", "starcoder_mqa", "starcoder2", "glm4",
              "galactica"]
 DERIVED = ["chatglm", "baichuan2", "baichuan_alibi"]
-
-
-def _layout(case: str) -> list[str]:
-    if case in MQA_CASES:
-        return ["--pipeline-model-parallel-size", "2"]
-    return ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
+LAYOUT = ["--tensor-model-parallel-size", "2", "--sequence-parallel"]
 
 
 @pytest.mark.distributed
 def test_families_train_from_converted_checkpoints(converted, derived, tmp_path):
     checkpoints = {**{case: converted[case] for case in CONVERTED},
                    **{name: derived[name][2] for name in DERIVED}}
-    runs = [{"id": case, "argv": TRAIN + ["--load", str(path)] + _layout(case)}
+    runs = [{"id": case, "argv": TRAIN + ["--load", str(path)] + LAYOUT}
             for case, path in checkpoints.items()]
     (tmp_path / "runs.json").write_text(json.dumps(runs))
     run_module("tests.conversion.training_worker",

@@ -3,7 +3,8 @@
 One torchrun launch of 2 gloo processes runs every comparison: the per-layer activation table
 at TP=1 (DP=2), TP=2 and PP=2, a checkpoint whose layer 2 has k and v swapped (as a broken
 mapping would), and 20 fp32 AdamW steps of Llama, Qwen2 (tied embeddings) and Qwen3 at
-(TP, PP) = (1, 1) with DP=2, (2, 1) and (1, 2), and of Mixtral at EP=2, against transformers +
+(TP, PP) = (1, 1) with DP=2, (2, 1) and (1, 2), of Mixtral at EP=2, and 5 of the multi-query
+Falcon and StarCoder at TP=2 (one key/value head for two ranks), against transformers +
 torch's AdamW.
 """
 
@@ -31,6 +32,8 @@ LAYER_TOLERANCE = 1e-4  # relative, per activation
 LOSS_TOLERANCE = 1e-4  # relative, per step (the issue's fp32 bound)
 TRAIN_CASES = ["llama_mha", "qwen2_tied", "qwen3"]
 TRAIN_LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+MQA_TRAIN = ["falcon_mqa", "starcoder_mqa"]  # at TP=2
+MQA_STEPS = 5
 BROKEN_LAYER = 2
 
 
@@ -51,7 +54,7 @@ def models(tmp_path_factory):
     """case -> (HF dir, Megatron checkpoint without vocabulary padding), plus the broken one."""
     root = tmp_path_factory.mktemp("fidelity")
     found = {}
-    for case in TRAIN_CASES + ["mixtral"]:
+    for case in TRAIN_CASES + MQA_TRAIN + ["mixtral"]:
         hf = save_tiny_model(case, root / case)
         found[case] = (hf, convert_hf_to_mcore(hf, root / f"{case}-mcore", progress=False,
                                                make_vocab_size_divisible_by=1))
@@ -75,6 +78,7 @@ def results(models, tmp_path_factory):
     jobs += [job("train", case, tp, pp, steps=20) for case in TRAIN_CASES
              for tp, pp in TRAIN_LAYOUTS]
     jobs += [job("layers", "mixtral", 1, 1, ep=2), job("train", "mixtral", 1, 1, ep=2, steps=20)]
+    jobs += [job("train", case, 2, 1, steps=MQA_STEPS) for case in MQA_TRAIN]
     (tmp / "jobs.json").write_text(json.dumps(jobs))
     run_module("tests.conversion.fidelity_worker",
                [str(tmp / "jobs.json"), str(tmp / "results.json")], nproc=2, timeout=900)
@@ -108,6 +112,14 @@ def test_layer_table_names_the_broken_layer(results):
 def test_training_matches_hf_for_20_steps(results, run):
     curves = TrainingCurves(**results[f"train-{run}"])
     assert len(curves.megatron_loss) == 20
+    assert curves.ok(LOSS_TOLERANCE), curves.table(LOSS_TOLERANCE)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", MQA_TRAIN)
+def test_multi_query_training_at_tp2_matches_hf(results, case):
+    curves = TrainingCurves(**results[f"train-{case}-tp2-pp1"])
+    assert len(curves.megatron_loss) == MQA_STEPS
     assert curves.ok(LOSS_TOLERANCE), curves.table(LOSS_TOLERANCE)
 
 

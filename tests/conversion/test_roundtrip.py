@@ -39,11 +39,9 @@ def assert_identical(expected: dict, got: dict) -> None:
 
 
 def _layouts(case):
-    layouts = [layout for layout in LAYOUTS if not (case in MQA_CASES and "tp2" in layout)]
     if case in FEW_LAYOUTS:
-        layouts = [layout for layout in layouts if layout in ("dist", "legacy-tp2-pp2")] + \
-            (["legacy-pp2-vpp2"] if case in MQA_CASES else [])
-    return layouts
+        return ["dist", "legacy-tp2-pp2"] + (["dist-tp2"] if case in MQA_CASES else [])
+    return list(LAYOUTS)
 
 
 @pytest.mark.parametrize("case, layout", [(c, lay) for c in sorted(CASES) for lay in _layouts(c)])
@@ -173,8 +171,15 @@ def test_missing_legacy_tensor_is_named(hf_models, tmp_path):
 
 
 def test_layouts_megatron_cannot_run_are_refused(hf_models, tmp_path):
-    with pytest.raises(ConversionError, match="num_query_groups=1"):
-        convert_hf_to_mcore(hf_models["llama_mqa"], tmp_path / "a", tp=2, progress=False)
+    with pytest.raises(ConversionError, match="--tp 3 must divide num_attention_heads=4"):
+        convert_hf_to_mcore(hf_models["llama_mqa"], tmp_path / "a", tp=3, progress=False)
+    three_groups = tmp_path / "three-groups"  # 6 query heads, 3 key/value heads
+    three_groups.mkdir()
+    config = json.loads((hf_models["llama_mqa"] / "config.json").read_text())
+    (three_groups / "config.json").write_text(json.dumps(
+        {**config, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 16}))
+    with pytest.raises(ConversionError, match="3 key/value heads cannot be shared out over 2"):
+        convert_hf_to_mcore(three_groups, tmp_path / "c", tp=2, progress=False)
     with pytest.raises(ConversionError, match="does not cover"):
         convert_hf_to_mcore(hf_models["qwen2"], tmp_path / "b", pp=2, ckpt_format="legacy",
                             decoder_first_pipeline_num_layers=5, progress=False)

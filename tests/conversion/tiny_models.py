@@ -88,10 +88,10 @@ CASES: dict[str, tuple[type, dict]] = {
 }
 # Mixture-of-experts cases (also checked at expert parallelism in test_moe.py).
 MOE_CASES = {"qwen2_moe", "mixtral", "qwen3_moe", "deepseek_v3", "deepseek_v2_lite"}
-# Cases with one key/value head: Megatron splits key/value heads over TP, so TP=1 only.
+# Cases with one key/value head: at TP=2 each rank uses it whole (models/common/head_split.py).
 MQA_CASES = {"llama_mqa", "falcon_mqa", "starcoder_mqa"}
-# Cases checked at fewer layouts to keep CI time: parity at (TP, PP) = (1, 1) and (2, 2) (MQA:
-# (1, 2)), so TP=2 and PP=2 are both exercised, and fewer round-trip layouts.
+# Cases checked at fewer layouts to keep CI time: parity at (TP, PP) = (1, 1) and (2, 2), so
+# TP=2 and PP=2 are both exercised, and fewer round-trip layouts.
 FEW_LAYOUTS = {"bloom", "falcon_mqa", "falcon_gqa", "starcoder_mqa", "starcoder2", "glm", "glm4",
                "galactica"} | MOE_CASES
 # HF models that only serve as the reference of a DERIVED (remote-code) checkpoint, or in the

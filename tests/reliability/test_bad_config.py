@@ -5,6 +5,7 @@ import json
 import pytest
 
 from megatron_patch.arguments import parse_training_args
+from megatron_patch.models.common.head_split import kv_split_problem
 from megatron_patch.models.common.hf_config import UnsupportedConfigError
 from megatron_patch.training.config_checks import ConfigError
 from tests.launch import MOCK_DATA, TINY_MODEL
@@ -16,8 +17,10 @@ BASE = TINY_MODEL + MOCK_DATA + ["--micro-batch-size", "1", "--global-batch-size
 @pytest.mark.parametrize("world, flags, message", [
     (2, ["--tensor-model-parallel-size", "4"],
      "2 processes are not divisible by --tensor-model-parallel-size 4"),
-    (2, ["--tensor-model-parallel-size", "2", "--num-query-groups", "1"],
-     "--tensor-model-parallel-size 2 must divide --num-query-groups 1"),
+    (2, ["--tensor-model-parallel-size", "2", "--num-attention-heads", "6",
+         "--num-query-groups", "3", "--kv-channels", "16"],
+     "--tensor-model-parallel-size 2 with --num-query-groups 3: 3 key/value heads cannot be "
+     "shared out over 2 ranks"),
     (2, ["--tensor-model-parallel-size", "2", "--num-attention-heads", "3",
          "--num-query-groups", "3"],
      "--tensor-model-parallel-size 2 must divide --num-attention-heads 3"),
@@ -38,6 +41,21 @@ def test_invalid_parallel_and_loop_flags(monkeypatch, world, flags, message):
     with pytest.raises(ConfigError, match="invalid training configuration") as caught:
         parse_training_args(BASE + flags)
     assert message in str(caught.value)
+
+
+def test_fewer_key_value_heads_than_tensor_parallel_ranks_are_accepted(monkeypatch):
+    """Multi-query attention at TP=2: each rank uses the one key/value head whole."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = parse_training_args(BASE + ["--tensor-model-parallel-size", "2",
+                                       "--num-query-groups", "1"])
+    assert (args.tensor_model_parallel_size, args.num_query_groups) == (2, 1)
+
+
+def test_key_value_head_split_rule():
+    assert kv_split_problem(48, 1, 128, 8) is None  # StarCoder at TP=8
+    assert kv_split_problem(8, 4, 16, 2) is None  # groups split over the ranks
+    assert "3 key/value heads cannot be shared out over 2 ranks" in kv_split_problem(6, 3, 16, 2)
+    assert "18 rows" in kv_split_problem(4, 1, 3, 4)  # (4 + 2) x 3 rows over 4 ranks
 
 
 def _hf_dir(tmp_path, **overrides):
