@@ -10,6 +10,7 @@ Megatron argument and ``core_transformer_config_from_args`` copies it into the c
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -62,6 +63,7 @@ class PatchTransformerConfig(TransformerConfig):
     lm_head_norm: bool = False
     position_id_offset: int = 0
     mlp_activation: str | None = None
+    hf_rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mlp_activation is not None:
@@ -75,7 +77,22 @@ class PatchTransformerConfig(TransformerConfig):
         if self.parallel_attention_norms not in (1, 2):
             raise ValueError(f"parallel_attention_norms={self.parallel_attention_norms}; "
                              "expected 1 or 2")
+        if self.hf_rope_scaling is not None:
+            _check_hf_rope(self)
         super().__post_init__()
+
+
+def _check_hf_rope(config: PatchTransformerConfig) -> None:
+    """Refuse the rope paths of Megatron-Core that skip the attention scaling of HF ropes."""
+    from megatron_patch.models.common.rope import HF_ROPE_TYPES
+
+    kind = config.hf_rope_scaling.get("rope_type")
+    if kind not in HF_ROPE_TYPES:
+        raise ValueError(f"hf_rope_scaling rope_type={kind!r}; use one of {list(HF_ROPE_TYPES)}")
+    for flag in ("fused_single_qkv_rope", "flash_decode", "multi_latent_attention"):
+        if getattr(config, flag):
+            raise ValueError(f"--hf-rope-scaling does not support --{flag.replace('_', '-')} "
+                             "(Megatron-Core applies its own rope there)")
 
 
 def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,5 +114,8 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Output layer with L2-normalised weight rows (Baichuan2 NormHead).")
     group.add_argument("--position-id-offset", type=int, default=0,
                        help="Offset added to positions for learned position embeddings (OPT: 2).")
+    group.add_argument("--hf-rope-scaling", type=json.loads, default=None,
+                       help="HF rope dict as JSON (rope_type dynamic, yarn, longrope or llama3 "
+                            "and its fields), e.g. from config.json's rope_scaling.")
     group.add_argument("--mlp-activation", default=None, choices=sorted(MLP_ACTIVATIONS),
                        help="Activation of a non-gated MLP (default: Megatron's GeLU).")
