@@ -14,14 +14,17 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from megatron_patch.conversion import convert_hf_to_mcore
-from megatron_patch.conversion.tiny import save_random_model
+from megatron_patch.conversion.tiny import save_random_model, shrink_config
 from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
 from megatron_patch.models.common.rope import HFRotaryEmbedding
 from megatron_patch.models.registry import family_for_hf_config
 from tests.conversion.tiny_models import ROPE_CASES, rope_config
-from tests.launch import REPO, run_module
+from tests.launch import MOCK_DATA, REPO, TINY_MODEL, pretrain, run_module
 
 TOLERANCE = 1e-5
+LLAMA_FULL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 3072,
+              "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
+              "intermediate_size": 8192, "vocab_size": 32064, "max_position_embeddings": 131072}
 HF_CASES = sorted(set(ROPE_CASES) - {"linear"})  # linear is Megatron-Core's own rope
 
 
@@ -111,6 +114,18 @@ def test_unusable_rope_dicts_name_the_field(rope, named):
         family_for_hf_config(hf).hf_to_megatron(hf)
 
 
+def test_tiny_copy_of_a_longrope_config_keeps_one_factor_per_frequency():
+    """`card --tiny` shrinks the head: longrope's factor lists follow (48 -> 8 frequencies)."""
+    full = {**LLAMA_FULL, "rope_scaling": {
+        "rope_type": "longrope", "original_max_position_embeddings": 4096,
+        "short_factor": [1.0 + i / 48 for i in range(48)],
+        "long_factor": [2.0 + i for i in range(48)]}}
+    tiny = shrink_config(full)
+    assert tiny["rope_scaling"]["long_factor"] == [2.0, 8.0, 14.0, 20.0, 26.0, 32.0, 38.0, 44.0]
+    scaling = family_for_hf_config(tiny).hf_to_megatron(tiny)["hf_rope_scaling"]
+    assert len(scaling["short_factor"]) == 8 and shrink_config(tiny) == tiny
+
+
 def test_llava_refuses_rope_variants():
     text = {**_hf_dict("qwen2_yarn"), "architectures": ["Qwen2ForCausalLM"]}
     llava = {"architectures": ["LlavaForConditionalGeneration"], "model_type": "llava",
@@ -134,14 +149,14 @@ def rope_models(tmp_path_factory) -> dict[str, tuple[str, str]]:
     return models
 
 
-# (case, tp, pp, seq, extra Megatron flags): every type at TP=1; yarn (cos/sin scaled) at TP=2,
-# PP=2 and CP=2; longrope on both sides of original_max_position_embeddings (16).
+# (case, tp, pp, seq, extra Megatron flags): every type at TP=1; yarn (cos/sin scaled) at TP=2
+# with sequence parallelism and PP=2; longrope on both sides of original_max_position_embeddings
+# (16) and at TP=2.
 PARITY = [(case, 1, 1, 32, []) for case in sorted(ROPE_CASES)] + [
     ("longrope", 1, 1, 8, []),
     ("qwen2_yarn", 2, 1, 32, ["--sequence-parallel"]),
     ("qwen2_yarn", 1, 2, 32, []),
     ("longrope", 2, 1, 32, []),
-    ("qwen2_yarn", 1, 1, 32, ["--context-parallel-size", "2"]),
 ]
 
 
@@ -158,6 +173,22 @@ def test_logits_match_hf(rope_models, tmp_path):
     print("\n".join(f"  {case:48s} {diff:.3e}" for case, diff in results.items()))
     assert sorted(results) == sorted(c["id"] for c in cases)
     assert all(diff <= TOLERANCE for diff in results.values()), results
+
+
+@pytest.mark.distributed
+def test_context_parallel_training_matches_single_process():
+    """CP=2 slices the rotary table of the whole sequence: the losses of CP=1 (``--hf-rope-scaling``
+    given as JSON on the command line, longrope's long factors and attention factor)."""
+    rope = ROPE_CASES["longrope"][1]
+    train = TINY_MODEL + MOCK_DATA + [
+        "--hf-rope-scaling", json.dumps(rope), "--micro-batch-size", "2",
+        "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "2", "--log-interval", "1",
+        "--eval-iters", "0", "--seed", "11"]
+    reference = pretrain(train, nproc=1)
+    got = pretrain(train + ["--context-parallel-size", "2"], nproc=2)
+    assert got.keys() == reference.keys()
+    for iteration, loss in reference.items():
+        assert got[iteration] == pytest.approx(loss, rel=1e-5), (iteration, got, reference)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

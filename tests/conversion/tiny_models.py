@@ -135,7 +135,9 @@ def rope_config(case: str) -> transformers.PretrainedConfig:
 
 
 def tiny_config(case: str) -> transformers.PretrainedConfig:
-    """The transformers config of a ``case`` of CASES or REFERENCE_CASES."""
+    """The transformers config of a ``case`` of CASES, REFERENCE_CASES or ROPE_CASES."""
+    if case in ROPE_CASES:
+        return rope_config(case)
     config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
     return config_class(**{**_COMMON, **overrides})
 

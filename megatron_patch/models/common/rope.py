@@ -136,11 +136,13 @@ def inverse_frequencies(rope: Mapping[str, Any], *, base: float, dim: int, max_p
     them for ``dim`` rotary channels and a forward over ``seq_len`` positions (None: at init).
 
     ``original_max_position_embeddings`` defaults to ``max_positions`` (transformers' rule).
+    Computed on the CPU (also while a model is built on the meta device).
     """
     if rope["rope_type"] in USES_ORIGINAL_LENGTH:
         rope = {**rope, "original_max_position_embeddings":
                 rope.get("original_max_position_embeddings") or max_positions}
-    return _COMPUTE[rope["rope_type"]](rope, float(base), dim, max_positions, seq_len)
+    with torch.device("cpu"):
+        return _COMPUTE[rope["rope_type"]](rope, float(base), dim, max_positions, seq_len)
 
 
 class HFRotaryEmbedding(RotaryEmbedding):
