@@ -15,6 +15,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from megatron_patch.conversion import convert_hf_to_mcore
 from megatron_patch.conversion.tiny import save_random_model, shrink_config
+from megatron_patch.models.common.architecture import PatchTransformerConfig
 from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
 from megatron_patch.models.common.rope import HFRotaryEmbedding
 from megatron_patch.models.registry import family_for_hf_config
@@ -25,7 +26,7 @@ TOLERANCE = 1e-5
 LLAMA_FULL = {"architectures": ["LlamaForCausalLM"], "hidden_size": 3072,
               "num_attention_heads": 32, "num_key_value_heads": 32, "num_hidden_layers": 32,
               "intermediate_size": 8192, "vocab_size": 32064, "max_position_embeddings": 131072}
-HF_CASES = sorted(set(ROPE_CASES) - {"linear"})  # linear is Megatron-Core's own rope
+HF_CASES = sorted(set(ROPE_CASES) - {"llama_linear"})  # linear is Megatron-Core's own rope
 
 
 def _hf_dict(case: str) -> dict:
@@ -61,7 +62,7 @@ def test_rotary_tables_match_transformers(case):
 
 def test_length_dependent_types_switch_frequencies():
     """The cases above would pass vacuously if dynamic/longrope never left their init tables."""
-    for case, short, long in (("dynamic", 64, 100), ("longrope", 16, 17)):
+    for case, short, long in (("llama_dynamic", 64, 100), ("llama_longrope", 16, 17)):
         assert not torch.equal(_tables(case, short)[0], _tables(case, long)[0][:short]), case
 
 
@@ -74,7 +75,7 @@ def _megatron_args(case: str) -> argparse.Namespace:
 def test_config_round_trip_keeps_the_rope_dict(case):
     hf = _hf_dict(case)
     args = _megatron_args(case)
-    if case == "linear":
+    if case == "llama_linear":
         assert args.rotary_seq_len_interpolation_factor == 2.0
     else:
         assert args.hf_rope_scaling["rope_type"] == ROPE_CASES[case][1]["rope_type"]
@@ -85,7 +86,7 @@ def test_config_round_trip_keeps_the_rope_dict(case):
 
 
 def test_llama31_constants_stay_on_megatron_rope():
-    hf = {**_hf_dict("llama3"), "rope_parameters": {
+    hf = {**_hf_dict("llama_llama3"), "rope_parameters": {
         "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 8192, "rope_theta": 500000.0}}
     args = family_for_hf_config(hf).hf_to_megatron(hf)
@@ -94,7 +95,7 @@ def test_llama31_constants_stay_on_megatron_rope():
 
 def test_top_level_original_length_wins():
     """transformers reads a top-level original_max_position_embeddings (Phi-3 style) first."""
-    hf = {**_hf_dict("longrope"), "original_max_position_embeddings": 32}
+    hf = {**_hf_dict("llama_longrope"), "original_max_position_embeddings": 32}
     assert family_for_hf_config(hf).hf_to_megatron(hf)["hf_rope_scaling"][
         "original_max_position_embeddings"] == 32
 
@@ -109,9 +110,18 @@ def test_top_level_original_length_wins():
     ({"rope_type": "proportional", "factor": 2.0}, "rope type 'proportional'"),
 ])
 def test_unusable_rope_dicts_name_the_field(rope, named):
-    hf = {**_hf_dict("dynamic"), "rope_parameters": {"rope_theta": 10000.0, **rope}}
+    hf = {**_hf_dict("llama_dynamic"), "rope_parameters": {"rope_theta": 10000.0, **rope}}
     with pytest.raises(UnsupportedConfigError, match=named):
         family_for_hf_config(hf).hf_to_megatron(hf)
+
+
+def test_scaled_ropes_stay_off_rope_paths_without_the_scale():
+    shape = {"num_layers": 1, "hidden_size": 64, "num_attention_heads": 4}
+    yarn = ROPE_CASES["qwen2_yarn"][1]
+    assert not PatchTransformerConfig(**shape, hf_rope_scaling=yarn,
+                                      apply_rope_fusion=True).apply_rope_fusion
+    with pytest.raises(ValueError, match="--fused-single-qkv-rope"):
+        PatchTransformerConfig(**shape, hf_rope_scaling=yarn, fused_single_qkv_rope=True)
 
 
 def test_tiny_copy_of_a_longrope_config_keeps_one_factor_per_frequency():
@@ -153,10 +163,10 @@ def rope_models(tmp_path_factory) -> dict[str, tuple[str, str]]:
 # with sequence parallelism and PP=2; longrope on both sides of original_max_position_embeddings
 # (16) and at TP=2.
 PARITY = [(case, 1, 1, 32, []) for case in sorted(ROPE_CASES)] + [
-    ("longrope", 1, 1, 8, []),
+    ("llama_longrope", 1, 1, 8, []),
     ("qwen2_yarn", 2, 1, 32, ["--sequence-parallel"]),
     ("qwen2_yarn", 1, 2, 32, []),
-    ("longrope", 2, 1, 32, []),
+    ("llama_longrope", 2, 1, 32, []),
 ]
 
 
@@ -179,7 +189,7 @@ def test_logits_match_hf(rope_models, tmp_path):
 def test_context_parallel_training_matches_single_process():
     """CP=2 slices the rotary table of the whole sequence: the losses of CP=1 (``--hf-rope-scaling``
     given as JSON on the command line, longrope's long factors and attention factor)."""
-    rope = ROPE_CASES["longrope"][1]
+    rope = ROPE_CASES["llama_longrope"][1]
     train = TINY_MODEL + MOCK_DATA + [
         "--hf-rope-scaling", json.dumps(rope), "--micro-batch-size", "2",
         "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "2", "--log-interval", "1",

@@ -108,17 +108,17 @@ _LONGROPE = {"short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
              "long_factor": [1.0, 1.3, 1.8, 2.5, 4.0, 6.0, 9.0, 12.0],
              "original_max_position_embeddings": 16}
 ROPE_CASES: dict[str, tuple[type, dict]] = {
-    "linear": (transformers.LlamaConfig, {"rope_type": "linear", "factor": 2.0}),
-    "dynamic": (transformers.LlamaConfig, {"rope_type": "dynamic", "factor": 2.0}),
-    "llama3": (transformers.LlamaConfig, {
+    "llama_linear": (transformers.LlamaConfig, {"rope_type": "linear", "factor": 2.0}),
+    "llama_dynamic": (transformers.LlamaConfig, {"rope_type": "dynamic", "factor": 2.0}),
+    "llama_llama3": (transformers.LlamaConfig, {
         "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
         "original_max_position_embeddings": 16}),
-    "longrope": (transformers.LlamaConfig, {"rope_type": "longrope", **_LONGROPE}),
-    "yarn_mscale": (transformers.LlamaConfig, {
+    "llama_longrope": (transformers.LlamaConfig, {"rope_type": "longrope", **_LONGROPE}),
+    "llama_yarn_mscale": (transformers.LlamaConfig, {
         "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
         "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 16.0, "beta_slow": 2.0,
         "truncate": False}),
-    "yarn_attention_factor": (transformers.LlamaConfig, {
+    "llama_yarn_attention_factor": (transformers.LlamaConfig, {
         "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
         "attention_factor": 1.3}),
     # Qwen2.5's long-context recipe (rope_scaling yarn, factor 4) on a theta of 1e6.

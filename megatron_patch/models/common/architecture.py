@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.models.common.rope import HF_ROPE_TYPES
+
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
     """GeLU with the tanh approximation (HF ``gelu_pytorch_tanh``/``gelu_new``, Bloom's GeLU)."""
@@ -83,9 +85,7 @@ class PatchTransformerConfig(TransformerConfig):
 
 
 def _check_hf_rope(config: PatchTransformerConfig) -> None:
-    """Refuse the rope paths of Megatron-Core that skip the attention scaling of HF ropes."""
-    from megatron_patch.models.common.rope import HF_ROPE_TYPES
-
+    """Keep Megatron-Core off the rope paths that skip the attention scaling of HF ropes."""
     kind = config.hf_rope_scaling.get("rope_type")
     if kind not in HF_ROPE_TYPES:
         raise ValueError(f"hf_rope_scaling rope_type={kind!r}; use one of {list(HF_ROPE_TYPES)}")
@@ -93,6 +93,10 @@ def _check_hf_rope(config: PatchTransformerConfig) -> None:
         if getattr(config, flag):
             raise ValueError(f"--hf-rope-scaling does not support --{flag.replace('_', '-')} "
                              "(Megatron-Core applies its own rope there)")
+    if kind in ("yarn", "longrope"):
+        # Transformer Engine's fused rope has no cos/sin scale; Megatron-Core falls back to its
+        # unfused rope for it, except for packed (THD) sequences, where the scale would be lost.
+        config.apply_rope_fusion = False
 
 
 def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:

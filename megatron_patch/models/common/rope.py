@@ -11,8 +11,9 @@ llama-style families (``ROPE_INIT_FUNCTIONS`` in ``transformers.modeling_rope_ut
 - attention scaling (yarn's mscale, longrope's attention factor): transformers multiplies cos
   and sin by it. Megatron-Core's attention multiplies them by ``_yarn_concentration_factor``
   wherever it applies rope (training, and its static-batching inference used by
-  ``megatron_patch.generation``); :func:`set_attention_scaling` sets it. A factor other than 1
-  makes Megatron apply rope unfused (Transformer Engine's fused rope has no scale).
+  ``megatron_patch.generation``); :func:`set_attention_scaling` sets it. yarn and longrope
+  models apply rope unfused (Transformer Engine's fused rope has no scale; the config turns
+  ``apply_rope_fusion`` off for them).
 - sequence-length dependent types (``dynamic``, ``longrope``): transformers picks the
   frequencies per forward from the largest position (``max(position_ids) + 1``). Here the
   length is the forward's rotary length: the sequence (gathered over sequence and context
