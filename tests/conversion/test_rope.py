@@ -19,7 +19,7 @@ from megatron_patch.models.common.architecture import PatchTransformerConfig
 from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
 from megatron_patch.models.common.rope import HFRotaryEmbedding
 from megatron_patch.models.registry import family_for_hf_config
-from tests.conversion.tiny_models import ROPE_CASES, rope_config
+from tests.conversion.tiny_models import ROPE_CASES, rope_config, tiny_config
 from tests.launch import MOCK_DATA, REPO, TINY_MODEL, pretrain, run_module
 
 TOLERANCE = 1e-5
@@ -83,6 +83,18 @@ def test_config_round_trip_keeps_the_rope_dict(case):
     back = family_for_hf_config(hf).megatron_to_hf(args)
     assert back["rope_parameters"] == rope_parameters(hf)
     assert back["rope_theta"] == rope_parameters(hf)["rope_theta"]
+
+
+@pytest.mark.parametrize("family_case", ["starcoder2", "falcon_gqa", "mistral", "qwen3_moe"])
+def test_other_rope_families_share_the_mapping(family_case):
+    config = tiny_config(family_case)
+    rope = {**ROPE_CASES["qwen2_yarn"][1], "rope_theta": 10000.0}
+    hf = {**config.to_dict(), "rope_parameters": rope,
+          "architectures": [MODEL_FOR_CAUSAL_LM_MAPPING_NAMES[config.model_type]]}
+    family = family_for_hf_config(hf)
+    args = family.hf_to_megatron(hf)
+    assert args["hf_rope_scaling"] == {k: v for k, v in rope.items() if k != "rope_theta"}
+    assert family.megatron_to_hf(argparse.Namespace(**args))["rope_parameters"] == rope
 
 
 def test_llama31_constants_stay_on_megatron_rope():
