@@ -87,6 +87,8 @@ def _hf_rope_scaling(hf: HFConfig, rope: dict[str, Any]) -> dict[str, Any]:
 
 
 def rope_to_megatron(hf: HFConfig) -> MegatronArgs:
+    """Megatron's rope arguments for an HF config: its own rope where it is exact, else
+    ``hf_rope_scaling`` (:mod:`~megatron_patch.models.common.rope`)."""
     rope = rope_parameters(hf)
     theta = float(rope["rope_theta"])
     args: MegatronArgs = {
