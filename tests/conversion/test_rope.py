@@ -15,7 +15,10 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from megatron_patch.conversion import convert_hf_to_mcore
 from megatron_patch.conversion.tiny import save_random_model, shrink_config
-from megatron_patch.models.common.architecture import PatchTransformerConfig
+from megatron_patch.models.common.architecture import (
+    PatchTransformerConfig,
+    add_architecture_arguments,
+)
 from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
 from megatron_patch.models.common.rope import HFRotaryEmbedding
 from megatron_patch.models.registry import family_for_hf_config
@@ -134,6 +137,15 @@ def test_scaled_ropes_stay_off_rope_paths_without_the_scale():
                                       apply_rope_fusion=True).apply_rope_fusion
     with pytest.raises(ValueError, match="--fused-single-qkv-rope"):
         PatchTransformerConfig(**shape, hf_rope_scaling=yarn, fused_single_qkv_rope=True)
+
+
+@pytest.mark.parametrize("value", ['{"rope_type": "yarn"', '{"rope_type": "ntk"}', '[1]'])
+def test_bad_rope_flag_is_one_argparse_error(value, capsys):
+    parser = argparse.ArgumentParser()
+    add_architecture_arguments(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--hf-rope-scaling", value])
+    assert "argument --hf-rope-scaling:" in capsys.readouterr().err
 
 
 def test_tiny_copy_of_a_longrope_config_keeps_one_factor_per_frequency():

@@ -99,6 +99,18 @@ def _check_hf_rope(config: PatchTransformerConfig) -> None:
         config.apply_rope_fusion = False
 
 
+def _rope_dict(text: str) -> dict:
+    """``--hf-rope-scaling`` value: a JSON object naming one of :data:`HF_ROPE_TYPES`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from exc
+    if not isinstance(value, dict) or value.get("rope_type") not in HF_ROPE_TYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object with rope_type one of {list(HF_ROPE_TYPES)}, got {text}")
+    return value
+
+
 def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per :class:`PatchTransformerConfig` switch (same names as its fields)."""
     group = parser.add_argument_group("megatron-patch architecture")
@@ -118,7 +130,7 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Output layer with L2-normalised weight rows (Baichuan2 NormHead).")
     group.add_argument("--position-id-offset", type=int, default=0,
                        help="Offset added to positions for learned position embeddings (OPT: 2).")
-    group.add_argument("--hf-rope-scaling", type=json.loads, default=None,
+    group.add_argument("--hf-rope-scaling", type=_rope_dict, default=None,
                        help="HF rope dict as JSON (rope_type dynamic, yarn, longrope or llama3 "
                             "and its fields), e.g. from config.json's rope_scaling.")
     group.add_argument("--mlp-activation", default=None, choices=sorted(MLP_ACTIVATIONS),
