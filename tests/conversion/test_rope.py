@@ -1,6 +1,6 @@
 """HF rope variants (linear, dynamic, yarn, longrope, llama3 with any constants) against
-transformers: rotary tables, logits at TP/PP/CP, the config mapping both ways, refusals, and the
-public commands on a Qwen2.5-style yarn model."""
+transformers: rotary tables, logits at TP/PP (and CP training losses), the config mapping both ways,
+refusals, and the public commands on a Qwen2.5-style yarn model."""
 
 import argparse
 import json
