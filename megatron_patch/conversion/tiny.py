@@ -103,7 +103,23 @@ def shrink_config(config: dict[str, Any]) -> dict[str, Any]:
         out["head_dim"] = out["qk_rope_head_dim"]  # MLA: transformers' head_dim is the rope part
     if "qk_head_dim" in out:
         out["qk_head_dim"] = out["qk_nope_head_dim"] + out["qk_rope_head_dim"]
+    if heads_key and hidden_key:
+        _shrink_longrope(out, out.get("head_dim") or out[hidden_key] // out[heads_key])
     return out
+
+
+def _shrink_longrope(out: dict[str, Any], head_dim: int) -> None:
+    """Longrope's per-frequency factor lists, evenly subsampled to the tiny head's frequencies."""
+    for key in ("rope_parameters", "rope_scaling"):
+        rope = out.get(key)
+        if not isinstance(rope, dict):
+            continue
+        pairs = int(head_dim * float(out.get("partial_rotary_factor", 1.0))) // 2
+        for name in ("short_factor", "long_factor"):
+            factors = rope.get(name)
+            if isinstance(factors, list) and len(factors) > pairs > 0:
+                step = len(factors) / pairs
+                out[key] = rope = {**rope, name: [factors[int(i * step)] for i in range(pairs)]}
 
 
 def _special_tokens_in_vocabulary(out: dict[str, Any], vocab: int) -> None:

@@ -4,7 +4,8 @@
 reads a JSON list of cases and writes ``{id: max_abs_diff}`` (from rank 0) to OUT. A case is
 ``{"id", "hf", "tp", "pp"}`` (optionally ``"ep"``, ``"etp"`` for expert parallelism) plus either
 ``"mcore"`` (a converted checkpoint, loaded the way training loads it; optionally ``"extra"``
-Megatron flags) or nothing (the model built by ``build_model_from_hf_config``).
+Megatron flags) or nothing (the model built by ``build_model_from_hf_config``); ``"seq"`` sets
+the sequence length of a checkpoint case (default 32).
 """
 
 import sys
@@ -40,7 +41,7 @@ def _evaluate(case: dict) -> float:
     experts = {"ep": case.get("ep", 1), "etp": case.get("etp")}
     if "mcore" in case:
         return compare_logits(case["hf"], case["mcore"], tp=case["tp"], pp=case["pp"],
-                              batch_size=BATCH, seq_length=SEQ,
+                              batch_size=BATCH, seq_length=case.get("seq", SEQ),
                               extra_args=case.get("extra", ()), **experts)
     return _from_hf_weights(case["hf"], case["tp"], case["pp"], **experts)
 

@@ -122,9 +122,9 @@ LLAMA = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attentio
     ({"hidden_act": "gelu"}, "hidden_act"),
     ({"attention_bias": True}, "attention_bias"),
     ({"mlp_bias": True}, "mlp_bias"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn'"),
+    ({"rope_parameters": {"rope_type": "su", "factor": 4.0}}, "rope type 'su'"),
     ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0}},
-     "low_freq_factor"),
+     "high_freq_factor"),
     ({"num_hidden_layers": None}, "num_hidden_layers"),
 ])
 def test_unsupported_config_names_the_field(fields, named):

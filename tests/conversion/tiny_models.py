@@ -102,9 +102,42 @@ REFERENCE_CASES: dict[str, tuple[type, dict]] = {
                                               "use_sliding_window": False}),
 }
 
+# HF rope types on a llama or qwen2 of head_dim 16 (8 frequencies) and 64 positions, with
+# ``original_max_position_embeddings`` 16 so that sequences of 32 use longrope's long factors.
+_LONGROPE = {"short_factor": [1.0, 1.1, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0],
+             "long_factor": [1.0, 1.3, 1.8, 2.5, 4.0, 6.0, 9.0, 12.0],
+             "original_max_position_embeddings": 16}
+ROPE_CASES: dict[str, tuple[type, dict]] = {
+    "llama_linear": (transformers.LlamaConfig, {"rope_type": "linear", "factor": 2.0}),
+    "llama_dynamic": (transformers.LlamaConfig, {"rope_type": "dynamic", "factor": 2.0}),
+    "llama_llama3": (transformers.LlamaConfig, {
+        "rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}),
+    "llama_longrope": (transformers.LlamaConfig, {"rope_type": "longrope", **_LONGROPE}),
+    "llama_yarn_mscale": (transformers.LlamaConfig, {
+        "rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 16,
+        "mscale": 1.0, "mscale_all_dim": 0.707, "beta_fast": 16.0, "beta_slow": 2.0,
+        "truncate": False}),
+    "llama_yarn_attention_factor": (transformers.LlamaConfig, {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "attention_factor": 1.3}),
+    # Qwen2.5's long-context recipe (rope_scaling yarn, factor 4) on a theta of 1e6.
+    "qwen2_yarn": (transformers.Qwen2Config, {
+        "rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16,
+        "rope_theta": 1000000.0}),
+}
+
+
+def rope_config(case: str) -> transformers.PretrainedConfig:
+    """A tiny llama/qwen2 config with the rope dict of ``ROPE_CASES[case]``."""
+    config_class, rope = ROPE_CASES[case]
+    return config_class(**{**_COMMON, "rope_parameters": {"rope_theta": 10000.0, **rope}})
+
 
 def tiny_config(case: str) -> transformers.PretrainedConfig:
-    """The transformers config of a ``case`` of CASES or REFERENCE_CASES."""
+    """The transformers config of a ``case`` of CASES, REFERENCE_CASES or ROPE_CASES."""
+    if case in ROPE_CASES:
+        return rope_config(case)
     config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
     return config_class(**{**_COMMON, **overrides})
 

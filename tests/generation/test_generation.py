@@ -12,9 +12,11 @@ import pytest
 from tests.generation.conftest import MAX_NEW_TOKENS, run_generation_worker
 
 # Tiny cases of tests/conversion/tiny_models.py and the layouts each runs at: dense llama-style
-# (llama3 with llama3 rope scaling; qwen3 with q/k norm), MoE, ALiBi, MLA. A family is one line.
+# (llama3 with llama3 rope scaling; qwen3 with q/k norm; qwen2 with yarn rope, whose cos/sin
+# are scaled), MoE, ALiBi, MLA. A family is one line.
 RUNS = {
     "llama3": ["tp1", "tp2", "tp1-roll", "tp2-roll", "pp2"],
+    "qwen2_yarn": ["tp1", "tp2-roll"],
     "qwen3": ["tp1", "tp2", "tp1-roll"],
     "qwen2_moe": ["tp1", "tp2"],
     "bloom": ["tp1", "tp2", "tp1-roll"],

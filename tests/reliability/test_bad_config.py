@@ -71,8 +71,8 @@ def _hf_dir(tmp_path, **overrides):
     ({"architectures": ["FancyForCausalLM"]}, ValueError,
      "'architectures'=['FancyForCausalLM'] is not supported"),
     ({"hidden_act": "gelu"}, UnsupportedConfigError, "hidden_act='gelu' is not supported"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, UnsupportedConfigError,
-     "rope type 'yarn' is not supported"),
+    ({"rope_scaling": {"rope_type": "yarn"}}, UnsupportedConfigError,
+     "rope yarn needs 'factor'"),
     ({"num_hidden_layers": None}, UnsupportedConfigError,
      "required field 'num_hidden_layers' is missing"),
 ])

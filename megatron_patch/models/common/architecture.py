@@ -10,12 +10,15 @@ Megatron argument and ``core_transformer_config_from_args`` copies it into the c
 from __future__ import annotations
 
 import argparse
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_patch.models.common.rope import HF_ROPE_TYPES
 
 
 def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -62,6 +65,7 @@ class PatchTransformerConfig(TransformerConfig):
     lm_head_norm: bool = False
     position_id_offset: int = 0
     mlp_activation: str | None = None
+    hf_rope_scaling: dict | None = None
 
     def __post_init__(self) -> None:
         if self.mlp_activation is not None:
@@ -75,7 +79,36 @@ class PatchTransformerConfig(TransformerConfig):
         if self.parallel_attention_norms not in (1, 2):
             raise ValueError(f"parallel_attention_norms={self.parallel_attention_norms}; "
                              "expected 1 or 2")
+        if self.hf_rope_scaling is not None:
+            _check_hf_rope(self)
         super().__post_init__()
+
+
+def _check_hf_rope(config: PatchTransformerConfig) -> None:
+    """Keep Megatron-Core off the rope paths that skip the attention scaling of HF ropes."""
+    kind = config.hf_rope_scaling.get("rope_type")
+    if kind not in HF_ROPE_TYPES:
+        raise ValueError(f"hf_rope_scaling rope_type={kind!r}; use one of {list(HF_ROPE_TYPES)}")
+    for flag in ("fused_single_qkv_rope", "flash_decode", "multi_latent_attention"):
+        if getattr(config, flag):
+            raise ValueError(f"--hf-rope-scaling does not support --{flag.replace('_', '-')} "
+                             "(Megatron-Core applies its own rope there)")
+    if kind in ("yarn", "longrope"):
+        # Transformer Engine's fused rope has no cos/sin scale; Megatron-Core falls back to its
+        # unfused rope for it, except for packed (THD) sequences, where the scale would be lost.
+        config.apply_rope_fusion = False
+
+
+def _rope_dict(text: str) -> dict:
+    """``--hf-rope-scaling`` value: a JSON object naming one of :data:`HF_ROPE_TYPES`."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON ({exc})") from exc
+    if not isinstance(value, dict) or value.get("rope_type") not in HF_ROPE_TYPES:
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object with rope_type one of {list(HF_ROPE_TYPES)}, got {text}")
+    return value
 
 
 def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
@@ -97,5 +130,8 @@ def add_architecture_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Output layer with L2-normalised weight rows (Baichuan2 NormHead).")
     group.add_argument("--position-id-offset", type=int, default=0,
                        help="Offset added to positions for learned position embeddings (OPT: 2).")
+    group.add_argument("--hf-rope-scaling", type=_rope_dict, default=None,
+                       help="HF rope dict as JSON (rope_type dynamic, yarn, longrope or llama3 "
+                            "and its fields), e.g. from config.json's rope_scaling.")
     group.add_argument("--mlp-activation", default=None, choices=sorted(MLP_ACTIVATIONS),
                        help="Activation of a non-gated MLP (default: Megatron's GeLU).")

@@ -10,7 +10,9 @@ stages, embedding/output-weight tying and checkpoint layout stay Megatron-Core's
 - ``lm_head_norm``: the output layer multiplies by the L2-normalised rows of its weight, in
   training as in inference (Baichuan2's NormHead); each TP rank normalises its own rows;
 - ``position_id_offset``: learned position embeddings are looked up at ``position + offset``
-  in a table of ``max_sequence_length + offset`` rows (OPT).
+  in a table of ``max_sequence_length + offset`` rows (OPT);
+- ``hf_rope_scaling``: the rotary embedding computes the frequencies of an HF rope type and
+  attention scales cos/sin by its factor (:mod:`~megatron_patch.models.common.rope`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.models.common.norm import PatchNorm
+from megatron_patch.models.common.rope import HFRotaryEmbedding, set_attention_scaling
 
 
 def _shift_positions(offset: int, module: torch.nn.Module,
@@ -52,6 +55,14 @@ class PatchGPTModel(GPTModel):
         offset = getattr(config, "position_id_offset", 0)
         super().__init__(config, transformer_layer_spec, vocab_size,
                          max_sequence_length + offset, *args, **kwargs)
+        rope = getattr(config, "hf_rope_scaling", None)
+        if rope and self.position_embedding_type == "rope":
+            self.rotary_pos_emb = HFRotaryEmbedding(
+                rope, max_sequence_length, config.kv_channels, self.rotary_percent,
+                self.rotary_base, rotary_interleaved=config.rotary_interleaved,
+                use_cpu_initialization=config.use_cpu_initialization,
+                cp_group=self.pg_collection.cp)
+            set_attention_scaling(self, self.rotary_pos_emb.attention_scaling)
         embedding = getattr(self, "embedding", None)
         if embedding is not None and offset:
             embedding.position_embeddings.register_forward_pre_hook(

@@ -14,9 +14,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from megatron_patch.models.common.rope import HF_ROPE_FIELDS, HF_ROPE_TYPES, USES_ORIGINAL_LENGTH
 from megatron_patch.models.registry import HFConfig, MegatronArgs
 
-# Megatron's llama3 rope scaling hard-codes these (megatron.core RotaryEmbedding._apply_scaling).
+# Megatron's llama3 rope scaling hard-codes these (megatron.core RotaryEmbedding._apply_scaling);
+# other llama3 constants go through --hf-rope-scaling.
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
 
@@ -61,7 +63,32 @@ def rope_parameters(hf: HFConfig) -> dict[str, Any]:
     return params
 
 
-def _rope_to_megatron(hf: HFConfig) -> MegatronArgs:
+def _hf_rope_scaling(hf: HFConfig, rope: dict[str, Any]) -> dict[str, Any]:
+    """The rope dict for ``--hf-rope-scaling`` (rope_theta aside), refusing what HF can't load."""
+    kind = rope["rope_type"]
+    missing = [key for key in HF_ROPE_FIELDS[kind] if key not in rope]
+    if missing:
+        raise UnsupportedConfigError(f"config.json: rope {kind} needs {missing[0]!r} in "
+                                     "rope_parameters/rope_scaling")
+    scaling = {key: value for key, value in rope.items() if key != "rope_theta"}
+    if kind in USES_ORIGINAL_LENGTH and hf.get("original_max_position_embeddings"):
+        # transformers prefers the top-level value (Phi-3 style) to the one in the rope dict.
+        scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
+    if kind == "longrope":
+        heads = int(_require(hf, "num_attention_heads"))
+        head_dim = int(hf.get("head_dim") or int(_require(hf, "hidden_size")) // heads)
+        pairs = int(head_dim * float(hf.get("partial_rotary_factor", 1.0))) // 2
+        for key in ("short_factor", "long_factor"):
+            if not isinstance(rope[key], list) or len(rope[key]) != pairs:
+                raise UnsupportedConfigError(
+                    f"config.json: rope longrope {key} must be a list of {pairs} numbers "
+                    f"(one per rotary channel pair), got {rope[key]!r}")
+    return scaling
+
+
+def rope_to_megatron(hf: HFConfig) -> MegatronArgs:
+    """Megatron's rope arguments for an HF config: its own rope where it is exact, else
+    ``hf_rope_scaling`` (:mod:`~megatron_patch.models.common.rope`)."""
     rope = rope_parameters(hf)
     theta = float(rope["rope_theta"])
     args: MegatronArgs = {
@@ -74,17 +101,30 @@ def _rope_to_megatron(hf: HFConfig) -> MegatronArgs:
         return args
     if kind == "linear":
         return {**args, "rotary_seq_len_interpolation_factor": float(rope["factor"])}
-    if kind == "llama3":
-        for key, fixed in _LLAMA3_FIXED.items():
-            if float(rope.get(key, fixed)) != fixed:
-                raise UnsupportedConfigError(
-                    f"config.json: rope llama3 {key}={rope.get(key)} is not supported "
-                    f"(Megatron-Core implements {key}={fixed})"
-                )
+    if kind == "llama3" and all(float(rope.get(key, value)) == value
+                                for key, value in _LLAMA3_FIXED.items()):
+        # Llama 3.1's constants: Megatron-Core's own llama3 scaling (fused rope kernels too).
         return {**args, "use_rope_scaling": True, "rope_scaling_factor": float(rope["factor"])}
+    if kind in HF_ROPE_TYPES:
+        return {**args, "hf_rope_scaling": _hf_rope_scaling(hf, rope)}
     raise UnsupportedConfigError(
-        f"config.json: rope type {kind!r} is not supported (default, linear, llama3)"
+        f"config.json: rope type {kind!r} is not supported "
+        f"(default, linear, {', '.join(HF_ROPE_TYPES)})"
     )
+
+
+def rope_to_hf(args: Any) -> dict[str, Any]:
+    """HF ``rope_parameters`` for Megatron's rope arguments (inverse of the mapping above)."""
+    theta = float(args.rotary_base)
+    if getattr(args, "hf_rope_scaling", None):
+        return {**args.hf_rope_scaling, "rope_theta": theta}
+    if getattr(args, "use_rope_scaling", False):
+        return {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
+                **_LLAMA3_FIXED, "rope_theta": theta}
+    if getattr(args, "rotary_seq_len_interpolation_factor", None):
+        return {"rope_type": "linear", "factor": float(args.rotary_seq_len_interpolation_factor),
+                "rope_theta": theta}
+    return {"rope_type": "default", "rope_theta": theta}
 
 
 def _effective_window(hf: HFConfig) -> int | None:
@@ -168,7 +208,7 @@ def llama_style_to_megatron(
         "init_method_std": float(hf.get("initializer_range", 0.02)),
         # Transformer Engine's (left, right) window: query i attends keys i-left .. i.
         "window_size": None if window_tokens is None else (window_tokens - 1, 0),
-        **_rope_to_megatron(hf),
+        **rope_to_megatron(hf),
     }
 
 
@@ -192,13 +232,7 @@ def megatron_to_llama_style(
 
     ``extra`` adds family-specific fields (e.g. Qwen3's ``attention_bias``).
     """
-    rope: dict[str, Any] = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
-    if getattr(args, "use_rope_scaling", False):
-        rope = {"rope_type": "llama3", "factor": float(args.rope_scaling_factor),
-                **_LLAMA3_FIXED, "rope_theta": float(args.rotary_base)}
-    elif getattr(args, "rotary_seq_len_interpolation_factor", None):
-        rope = {"rope_type": "linear", "factor": float(args.rotary_seq_len_interpolation_factor),
-                "rope_theta": float(args.rotary_base)}
+    rope = rope_to_hf(args)
     heads = args.num_attention_heads
     config = {
         "architectures": [architecture],

@@ -27,7 +27,7 @@ from megatron_patch.models.common.decoder_args import (
     output_layer_rules,
     refuse,
 )
-from megatron_patch.models.common.hf_config import _expect, _rope_to_megatron
+from megatron_patch.models.common.hf_config import _expect, rope_to_hf, rope_to_megatron
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
@@ -62,7 +62,7 @@ def falcon_to_megatron(hf: HFConfig) -> MegatronArgs:
         hidden_dropout=field(hf, "hidden_dropout", default=0.0),
         init_std=field(hf, "initializer_range", default=0.02),
         mlp_activation="gelu", parallel_attention_mlp=bool(parallel),
-        parallel_attention_norms=norms, **_rope_to_megatron(hf),
+        parallel_attention_norms=norms, **rope_to_megatron(hf),
     )
 
 
@@ -73,10 +73,7 @@ def megatron_to_falcon(args: Any) -> HFConfig:
     parallel = getattr(args, "parallel_attention_mlp", False)
     norms = getattr(args, "parallel_attention_norms", 1)
     new = parallel and (norms == 2 or groups not in (1, heads))
-    rope = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
-    if getattr(args, "rotary_seq_len_interpolation_factor", None):
-        rope = {**rope, "rope_type": "linear",
-                "factor": float(args.rotary_seq_len_interpolation_factor)}
+    rope = rope_to_hf(args)
     return {
         "architectures": ["FalconForCausalLM"], "model_type": "falcon",
         "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers,

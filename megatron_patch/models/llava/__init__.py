@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.conversion.mapping import Direct, Rule
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
+from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
 from megatron_patch.models.common.vision import (
     VISION_ACTIVATIONS,
     ClassToken,
@@ -87,7 +87,13 @@ def hf_to_megatron(hf: HFConfig) -> dict[str, Any]:
     vision(hf)
     text = dict(hf["text_config"])
     text.setdefault("tie_word_embeddings", hf.get("tie_word_embeddings", False))
-    return text_family(hf).hf_to_megatron(text)
+    args = text_family(hf).hf_to_megatron(text)
+    if args.get("hf_rope_scaling") or args.get("rotary_seq_len_interpolation_factor"):
+        # Megatron-Core's LLaVA model builds its own rotary embedding (plain or llama3 only).
+        raise UnsupportedConfigError(
+            f"config.json: text_config rope type {rope_parameters(text)['rope_type']!r} is not "
+            "supported for LLaVA (default, llama3)")
+    return args
 
 
 def megatron_to_hf(args: Any) -> HFConfig:

@@ -27,9 +27,10 @@ from megatron_patch.models.common.decoder_args import (
 )
 from megatron_patch.models.common.hf_config import (
     UnsupportedConfigError,
-    _rope_to_megatron,
     megatron_window,
     mistral_window,
+    rope_to_hf,
+    rope_to_megatron,
 )
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
@@ -120,14 +121,14 @@ def starcoder2_to_megatron(hf: HFConfig) -> MegatronArgs:
         hidden_dropout=field(hf, "residual_dropout", default=0.0),
         init_std=field(hf, "initializer_range", default=0.02),
         mlp_activation=_activation(hf, "hidden_act", "gelu_pytorch_tanh"),
-        window_size=None if window is None else (window - 1, 0), **_rope_to_megatron(hf),
+        window_size=None if window is None else (window - 1, 0), **rope_to_megatron(hf),
     )
 
 
 def megatron_to_starcoder2(args: Any) -> HFConfig:
     """StarCoder2 ``config.json`` fields for Megatron arguments."""
     heads = args.num_attention_heads
-    rope = {"rope_type": "default", "rope_theta": float(args.rotary_base)}
+    rope = rope_to_hf(args)
     return {
         "architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
         "hidden_size": args.hidden_size, "intermediate_size": args.ffn_hidden_size,
