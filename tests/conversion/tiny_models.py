@@ -103,10 +103,10 @@ REFERENCE_CASES: dict[str, tuple[type, dict]] = {
 }
 
 
-def tiny_config(case: str) -> transformers.PretrainedConfig:
-    """The transformers config of a ``case`` of CASES or REFERENCE_CASES."""
+def tiny_config(case: str, **changes) -> transformers.PretrainedConfig:
+    """The transformers config of a ``case`` of CASES or REFERENCE_CASES (with ``changes``)."""
     config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
-    return config_class(**{**_COMMON, **overrides})
+    return config_class(**{**_COMMON, **overrides, **changes})
 
 
 def save_tiny_model(case: str, path: Path, dtype: torch.dtype = torch.float32,
