@@ -132,7 +132,7 @@ def _dense_lane(root: Path) -> list[Step]:
                                 "--output-prefix", str(root / "chats"), *tokenizer,
                                 "--workers", "1"]),
         Step("finetune", ["finetune", *train, "--data-path", str(root / "chats"),
-                          "--split", "100,0,0", "--sft-packing"],
+                          "--split", "100,0,0", "--sft-packing", "--seq-length", "32"],
              ("hf-to-mcore", "preprocess-sft")),
         Step("plan", ["plan", "--hf-config-path", str(hf), "--gpus", "8", "--seq", "64"]),
     ]
