@@ -92,8 +92,9 @@ def _dense_lane(root: Path) -> list[Step]:
         (root / f"corpus{part}.jsonl").write_text(
             "".join(json.dumps({"text": w}) + "\n" for w in words[part::2]))
     (root / "chats.jsonl").write_text("".join(json.dumps({"messages": [
-        {"role": "user", "content": " ".join(w.split()[:6])},
-        {"role": "assistant", "content": " " + " ".join(w.split()[6:])}]}) + "\n" for w in words))
+        {"role": "user", "content": " ".join(w.split()[:4])},
+        {"role": "assistant", "content": " " + " ".join(w.split()[4:12])}]}) + "\n"
+        for w in words))
     (root / "prompts.txt").write_text("t5 t6 t7\nt9\n")
     mcore, trained, data = root / "qwen3-mcore", root / "trained", root / "corpus"
     tokenizer = ["--tokenizer-type", "HFTokenizer", "--tokenizer-path", str(hf)]
