@@ -51,7 +51,7 @@ WORLD, HARDWARE = "world", "hardware"
 TOKENIZER_PLACEHOLDER = "${TOKENIZER_PATH}"  # a dry run's tokenizer when none is given
 
 
-def composes_for_gpus_elsewhere(settings: RunSettings, backends: Backends, dry_run: bool) -> bool:
+def _composes_for_gpus_elsewhere(settings: RunSettings, backends: Backends, dry_run: bool) -> bool:
     """Whether a dry run on a machine without GPUs composes for GPU nodes: the settings ask for
     them (PR=bf16/fp16/fp8, or ENV=dlc, a cluster job)."""
     return dry_run and not backends.cuda and (settings.pr in GPU_PRECISIONS
@@ -307,7 +307,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
     """
     mode = MODES[mode]
     notes = []
-    elsewhere = composes_for_gpus_elsewhere(settings, backends, dry_run)
+    elsewhere = _composes_for_gpus_elsewhere(settings, backends, dry_run)
     if elsewhere:
         backends = dataclasses.replace(backends, cuda=True)
         reason = f"PR={settings.pr}" if settings.pr in GPU_PRECISIONS else "ENV=dlc"
