@@ -31,6 +31,7 @@ from megatron_patch.launch.torchrun import free_port
 from tests.conversion.tiny_models import read_safetensors, save_tokenizer, tiny_config
 from tests.launch import REPO
 
+pytestmark = pytest.mark.distributed  # processes: one per command, torchrun for pretrain's world
 SCRIPT = Path(sys.executable).with_name("megatron-patch")
 VOCAB = 250  # the dense model's: conversion pads it to 256 rows
 # group -> (tiny model case, extra ``convert hf-to-mcore`` flags)
@@ -173,7 +174,6 @@ def _dir(step: Step, flag: str) -> Path:
     return Path(step.argv[step.argv.index(flag) + 1])
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("group", list(FAMILIES))
 def test_convert_both_ways_is_bit_identical(lanes, group):
     """Issue 22: mcore-to-hf of MoE and MLA models failed on a CPU-only machine."""
@@ -186,13 +186,11 @@ def test_convert_both_ways_is_bit_identical(lanes, group):
     assert all(torch.equal(original[name], back[name]) for name in original)
 
 
-@pytest.mark.distributed
 @pytest.mark.parametrize("group", list(FAMILIES))
 def test_verify_logits(lanes, group):
     assert "tp=1, pp=1): OK" in lanes[f"{group}-verify"].check()
 
 
-@pytest.mark.distributed
 def test_preprocess_merge_and_pretrain_from_the_converted_checkpoint(lanes):
     for name in ("hf-to-mcore", "preprocess-0", "preprocess-1", "merge-datasets"):
         lanes[name].check()
@@ -200,7 +198,6 @@ def test_preprocess_merge_and_pretrain_from_the_converted_checkpoint(lanes):
     assert "iteration        2/       2" in out and "lm loss" in out
 
 
-@pytest.mark.distributed
 def test_verify_train_steps_on_a_trained_padded_vocabulary(lanes):
     """Issue 22: the trained checkpoint's 250-token vocabulary is padded to 256 rows, whose
     output rows training moved; the HF reference trains with the same rows."""
@@ -212,7 +209,6 @@ def test_verify_train_steps_on_a_trained_padded_vocabulary(lanes):
     assert config["vocab_size"] == VOCAB
 
 
-@pytest.mark.distributed
 def test_generate_and_eval_ppl(lanes):
     lanes["generate"].check()
     records = [json.loads(line) for line in
@@ -223,7 +219,6 @@ def test_generate_and_eval_ppl(lanes):
     assert 1 < ppl["perplexity"] < 10 * VOCAB
 
 
-@pytest.mark.distributed
 def test_preprocess_sft_and_finetune(lanes):
     lanes["preprocess-sft"].check()
     out = lanes["finetune"].check()
