@@ -31,7 +31,7 @@ from megatron_patch.launch.torchrun import free_port
 from tests.conversion.tiny_models import read_safetensors, save_tokenizer, tiny_config
 from tests.launch import REPO
 
-pytestmark = pytest.mark.distributed  # processes: one per command, torchrun for pretrain's world
+pytestmark = pytest.mark.distributed  # a process per command, two at a time
 SCRIPT = Path(sys.executable).with_name("megatron-patch")
 VOCAB = 250  # the dense model's: conversion pads it to 256 rows
 # group -> (tiny model case, extra ``convert hf-to-mcore`` flags)
