@@ -85,6 +85,9 @@ def test_moe_alltoall_dispatcher_still_needs_its_patches():
 
     source = inspect.getsource(token_dispatcher.MoEAlltoAllTokenDispatcher)
     assert "record_event()" in source and "as_numpy=True" in source
+    # It makes a CUDA stream when it is built (so every MoE model build, conversion included).
+    assert "torch.cuda.Stream()" in inspect.getsource(
+        token_dispatcher.MoEAlltoAllTokenDispatcher.__init__)
     assert token_dispatcher.maybe_move_tensor_to_cpu is _cpu_split_sizes
     assert torch.cuda.Stream().record_event().synchronize() is None
     assert _cpu_split_sizes(torch.tensor([1, 2]), as_numpy=True).tolist() == [1, 2]

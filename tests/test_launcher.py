@@ -1,5 +1,6 @@
 """The Pai-style launcher: positional settings, validation before launch, composed commands."""
 
+import dataclasses
 import sys
 
 import pytest
@@ -91,6 +92,73 @@ def test_dlc_without_job_environment_is_an_error(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(LaunchError, match="ENV=dlc"):
         compose("llama", "pretrain", RunSettings(env="dlc"), [], CPU)
+
+
+def _clear_job_environment(monkeypatch):
+    for name in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE",
+                 "TOKENIZER_PATH"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_dry_run_composes_for_gpu_nodes_from_a_cpu_machine(monkeypatch):
+    """Hardware and world checks become notes, placeholders stand for the job's variables;
+    checks of the model and settings stay errors, and a real run keeps every error."""
+    _clear_job_environment(monkeypatch)
+    settings = RunSettings(env="dlc", model_size="8B", pr="bf16", tp=2, pp=2, sp=True,
+                           batch_size=1, global_batch_size=13)
+    launch = compose("llama", "pretrain", settings, [], CPU, dry_run=True)
+    cmd = launch.train
+    for flag in ("--nproc-per-node=8", "--nnodes=${WORLD_SIZE}", "--node-rank=${RANK}",
+                 "--master-addr=${MASTER_ADDR}", "--master-port=${MASTER_PORT}", "--bf16"):
+        assert flag in cmd, flag
+    assert _value(cmd, "--patch-tokenizer-path") == "${TOKENIZER_PATH}"
+    assert launch.env == {"CUDA_DEVICE_MAX_CONNECTIONS": "1"}
+    notes = "\n".join(launch.notes)
+    assert "composed for GPU nodes (PR=bf16)" in notes and "8 GPUs per node assumed" in notes
+    assert "check on the target: GLOBAL_BATCH_SIZE=13 must be a multiple of BATCH_SIZE*DP=1*2" \
+        in notes
+    with pytest.raises(LaunchError, match="TP=3 must divide the 32 attention heads"):
+        compose("llama", "pretrain", dataclasses.replace(settings, tp=3), [], CPU, dry_run=True)
+    with pytest.raises(LaunchError, match="ENV=dlc reads the job's"):
+        compose("llama", "pretrain", settings, [], CPU)
+    # The job's variables given: its world is known, so the batch check is an error again.
+    for name, value in [("WORLD_SIZE", "2"), ("RANK", "0"), ("MASTER_ADDR", "n0"),
+                        ("MASTER_PORT", "1"), ("NPROC_PER_NODE", "8")]:
+        monkeypatch.setenv(name, value)
+    with pytest.raises(LaunchError, match=r"BATCH_SIZE\*DP=1\*4"):
+        compose("llama", "pretrain", settings, [], CPU, dry_run=True)
+
+
+def test_dry_run_on_a_cpu_machine_without_gpu_settings_composes_for_it(monkeypatch):
+    _clear_job_environment(monkeypatch)
+    cmd = compose("llama", "pretrain", RunSettings(tp=2), [], CPU, dry_run=True).train
+    assert "--nproc-per-node=2" in cmd and "--bf16" not in cmd
+
+
+def test_dry_run_commands_through_the_scripts(tmp_path):
+    """README's DRY_RUN examples on this machine (no GPU) print a GPU command and exit 0 (a
+    real run keeps the refusal: test_invalid_combinations_fail_before_launch)."""
+    import os
+    import subprocess
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    env = {k: v for k, v in os.environ.items() if k not in (
+        "WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT", "NPROC_PER_NODE", "TOKENIZER_PATH")}
+    env.update(DRY_RUN="1", PYTHON=sys.executable)
+    run_mcore = [str(examples / "llama" / "run_mcore_llama.sh"), "--model-size", "8B", "--tp",
+                 "2", "--pp", "2", "--sp", "true", "--pr", "bf16", "--output", str(tmp_path)]
+    dlc = [str(examples / "llama" / "run_pretrain_mcore_llama.sh"), "dlc", "8B", "1", "256",
+           "3e-4", "3e-5", "8192", "8192", "bf16", "4", "2", "1", "true", "true", "true", "sel",
+           "500", "0.3 /data/web_text_document 0.7 /data/code_text_document",
+           "/ckpt/llama3.1-8b-mcore", "10B", "100M", str(tmp_path), "--log-interval", "1"]
+    for argv, expected in [(run_mcore, "--nnodes=1"), (dlc, '"--nnodes=${WORLD_SIZE}"')]:
+        result = subprocess.run(["bash", *argv], capture_output=True, text=True, env=env)
+        assert result.returncode == 0, result.stderr
+        command = result.stdout.splitlines()[-1]
+        assert command.startswith("CUDA_DEVICE_MAX_CONNECTIONS=1 ") and "--bf16" in command
+        assert "--nproc-per-node=8" in command and expected in command
+        assert "note: NPROC_PER_NODE unset: 8 GPUs per node assumed" in result.stdout
 
 
 def test_finetune_default_is_the_tiny_chat_demo(tmp_path, monkeypatch):

@@ -32,12 +32,21 @@ def add_fidelity_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--plot", default=None, help="write the two loss curves to this PNG")
 
 
+def check_fidelity_flags(args: argparse.Namespace) -> None:
+    """Refuse flag combinations the modes cannot run (ValueError naming the flags)."""
+    from megatron_patch.conversion.verify_training import Hyper
+
+    if args.layers and args.train_steps:
+        raise ValueError("give --layers or --train-steps, not both")
+    if 0 < args.train_steps <= Hyper.warmup_steps:
+        raise ValueError(f"--train-steps {args.train_steps}: give more than the "
+                         f"{Hyper.warmup_steps} warm-up steps")
+
+
 def run_fidelity(args: argparse.Namespace) -> int | None:
     """Run the requested mode on every rank; None when neither flag is given."""
     if not (args.layers or args.train_steps):
         return None
-    if args.layers and args.train_steps:
-        raise SystemExit("megatron-patch verify: give --layers or --train-steps, not both")
     import torch
 
     rank0 = int(os.environ.get("RANK", "0")) == 0

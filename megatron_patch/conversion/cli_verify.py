@@ -14,9 +14,14 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from megatron_patch.conversion.cli_fidelity import add_fidelity_flags, run_fidelity
-from megatron_patch.launch.torchrun import run_distributed
+from megatron_patch.conversion.cli_fidelity import (
+    add_fidelity_flags,
+    check_fidelity_flags,
+    run_fidelity,
+)
+from megatron_patch.launch.torchrun import rank_exit_status, run_distributed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,16 +44,18 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run ``megatron-patch verify ...``; returns 0 within the tolerance, else 1."""
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = _parser().parse_args(argv)
-    from megatron_patch.conversion.verify import world_size
+def _check_inputs(args: argparse.Namespace) -> None:
+    """Refuse missing or unusable inputs (before the relaunch, and again on each rank)."""
+    from megatron_patch.conversion.mcore_to_hf import checkpoint_directory
+    from megatron_patch.models.common.hf_config import load_hf_config
 
-    world = world_size(args.tp, args.pp, args.ep, args.etp)
-    status = run_distributed(__name__, argv, world)
-    if status is not None:
-        return status
+    load_hf_config(args.hf_dir)
+    checkpoint_directory(Path(args.mcore_dir))
+    check_fidelity_flags(args)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    """The comparison on this rank; 0 within the tolerance, else 1."""
     import torch
 
     from megatron_patch.conversion.verify import compare_logits
@@ -56,7 +63,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     mode = run_fidelity(args)  # --layers / --train-steps
     if mode is not None:
         return mode
-
     diff = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, ep=args.ep,
                           etp=args.etp, batch_size=args.batch_size,
                           seq_length=args.seq_length)
@@ -67,6 +73,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"max abs logits diff: {diff:.3e} (tolerance {args.tolerance:g}, tp={args.tp}, "
               f"pp={args.pp}{experts}): {'OK' if ok else 'FAILED'}", flush=True)
     return 0 if ok else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``megatron-patch verify ...``; returns 0 within the tolerance, else 1.
+
+    Refusals (missing files, unsupported models or flags) are one error line on rank 0.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parser().parse_args(argv)
+    from megatron_patch.conversion.verify import world_size
+
+    try:
+        _check_inputs(args)
+        status = run_distributed(__name__, argv, world_size(args.tp, args.pp, args.ep,
+                                                            args.etp))
+        if status is not None:
+            return status
+        status = _verify(args)
+    except (ValueError, OSError) as exc:  # UnsupportedConfigError, ConversionError, files
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"megatron-patch verify: error: {exc}", file=sys.stderr, flush=True)
+        status = 1
+    return rank_exit_status(status)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ from megatron_patch.arguments import parse_training_args
 from megatron_patch.conversion.engine import ConversionError, Vocab, WeightMap
 from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
 from megatron_patch.models.registry import ModelFamily, get_family
+from megatron_patch.runtime.cpu_compat import apply_cpu_compat
 
 EMBEDDING = "embedding.word_embeddings.weight"
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.*)$")
@@ -169,7 +170,13 @@ def family_of(args: argparse.Namespace) -> ModelFamily:
 
 @contextlib.contextmanager
 def single_process_group(scratch: Path) -> Iterator[None]:
-    """A one-process gloo world with Megatron's TP=1, PP=1 state, torn down afterwards."""
+    """A one-process gloo world with Megatron's TP=1, PP=1 state, torn down afterwards.
+
+    Without a GPU the CPU runtime is applied first: building a layout model constructs modules
+    that make CUDA streams (MoE's alltoall dispatcher, MLA), and a checkpoint's own args are
+    read without :func:`parse_training_args`, which applies it for training.
+    """
+    apply_cpu_compat()
     if torch.distributed.is_initialized():
         if torch.distributed.get_world_size() != 1:
             raise ConversionError("checkpoint conversion runs in a single process, not torchrun")

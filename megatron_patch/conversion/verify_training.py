@@ -9,6 +9,11 @@ parallel over the remaining ranks. The HF side is transformers' model with ``tor
 (fp32, or fp32 weights under bf16 autocast, on rank 0), with dropout off and no frozen padding
 row, as in Megatron. Per step we compare the loss (before the update) and the gradient norm
 (before clipping).
+
+A checkpoint whose vocabulary Megatron padded (``convert hf-to-mcore`` pads to a multiple of
+128 x TP) trains with the padded rows in its softmax and gradient norm: the HF reference is
+resized to the same vocabulary, its extra embedding (and untied output) rows copied from the
+loaded Megatron model, so both sides train the same model.
 """
 
 from __future__ import annotations
@@ -126,9 +131,59 @@ def _micro_batches(batches: torch.Tensor, rank: int, size: int) -> Iterator[dict
                "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens).contiguous()}
 
 
+# Megatron's vocabulary-sized parameters (any chunk wrapper prefix) -> kind of padded rows.
+_VOCAB_PARAMETERS = {"embedding.word_embeddings.weight": "embedding",
+                     "output_layer.weight": "output"}
+
+
+def padded_rows(model: Sequence[torch.nn.Module], vocab: int,
+                untied: bool) -> dict[str, torch.Tensor]:
+    """Megatron's rows beyond the first ``vocab`` of the input embedding (and of the output
+    layer when ``untied``), gathered from every TP shard and stage; empty without padding.
+
+    Call on every rank; each rank gets the whole rows (fp32, CPU).
+    """
+    tp_rank = parallel_state.get_tensor_model_parallel_rank()
+    mine = []
+    for chunk in model:
+        for name, param in chunk.named_parameters():
+            kind = next((k for suffix, k in _VOCAB_PARAMETERS.items()
+                         if name.endswith(suffix)), None)
+            if kind is None or (kind == "output" and not untied):
+                continue
+            start = tp_rank * param.shape[0]  # vocabulary-parallel: TP shards of rows
+            skip = max(0, vocab - start)
+            if skip < param.shape[0]:
+                mine.append((kind, start + skip, param.detach()[skip:].float().cpu()))
+    gathered: list[list | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, mine)
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    for kind, start, rows in (piece for part in gathered for piece in part):
+        pieces.setdefault(kind, {})[start] = rows  # DP replicas give the same rows
+    return {kind: torch.cat([rows[start] for start in sorted(rows)])
+            for kind, rows in pieces.items()}
+
+
+def _pad_vocabulary(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> None:
+    """Resize an HF model to Megatron's padded vocabulary, the new rows equal to ``rows``."""
+    vocab = model.get_input_embeddings().weight.shape[0]
+    untied = model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    if untied != ("output" in rows):
+        raise ValueError("the HF model and the Megatron checkpoint disagree on tied embeddings")
+    model.resize_token_embeddings(vocab + rows["embedding"].shape[0], mean_resizing=False)
+    with torch.no_grad():
+        model.get_input_embeddings().weight[vocab:] = rows["embedding"]
+        if untied:
+            model.get_output_embeddings().weight[vocab:] = rows["output"]
+
+
 def hf_training_curve(hf_dir: str | Path, batches: torch.Tensor, hyper: Hyper,
-                      bf16: bool = False) -> tuple[list[float], list[float]]:
-    """(losses, gradient norms) of ``len(batches)`` AdamW steps of the HF model."""
+                      bf16: bool = False, padding: dict[str, torch.Tensor] | None = None
+                      ) -> tuple[list[float], list[float]]:
+    """(losses, gradient norms) of ``len(batches)`` AdamW steps of the HF model.
+
+    ``padding``: Megatron's padded vocabulary rows (:func:`padded_rows`) to train with.
+    """
     from transformers import (
         AutoConfig,
         AutoModelForCausalLM,
@@ -140,8 +195,10 @@ def hf_training_curve(hf_dir: str | Path, batches: torch.Tensor, hyper: Hyper,
     config = AutoConfig.from_pretrained(hf_dir)
     no_dropout = {key: 0.0 for key, value in config.to_dict().items()
                   if isinstance(value, float) and ("dropout" in key or "pdrop" in key)}
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32,
-                                                 **no_dropout).to(device)
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32, **no_dropout)
+    if padding:
+        _pad_vocabulary(model, padding)
+    model = model.to(device)
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             # Megatron's embedding has no padding row: HF's padding_idx would freeze the
@@ -173,13 +230,14 @@ def hf_training_curve(hf_dir: str | Path, batches: torch.Tensor, hyper: Hyper,
     del model, optimizer
     gc.collect()
     if device.type == "cuda":
-        torch.cuda.empty_cache()  # room for the Megatron model on the same GPU
+        torch.cuda.empty_cache()  # room for Megatron's training on the same GPU
     return losses, norms
 
 
-def megatron_training_curve(args, batches: torch.Tensor) -> tuple[list[float], list[float]]:
-    """(losses, gradient norms) of Megatron's training loop on ``batches``, on every rank."""
-    state = setup_model_and_optimizer(args)
+def megatron_training_curve(state, args, batches: torch.Tensor
+                            ) -> tuple[list[float], list[float]]:
+    """(losses, gradient norms) of Megatron's training loop (``state`` from
+    :func:`setup_model_and_optimizer`) on ``batches``, on every rank."""
     _configure_model_hooks(state)
     for chunk in state.model:
         chunk.train()
@@ -226,18 +284,16 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
     try:
         set_padded_vocab(args, None)
         vocab = int(load_hf_config(hf_dir)["vocab_size"])
-        if args.padded_vocab_size != vocab:
-            raise ValueError(
-                f"{mcore_dir}: Megatron's vocabulary is padded from {vocab} to "
-                f"{args.padded_vocab_size} rows; the padded logits take part in Megatron's "
-                "softmax, so training cannot match HF. Convert with "
-                "--make-vocab-size-divisible-by 1 (or a vocabulary that divides evenly).")
         batches = training_batches(vocab, steps, args.global_batch_size, seq_length, seed)
+        # Megatron first: the HF reference takes its padded vocabulary rows (both models are
+        # in memory while HF trains on rank 0)
+        state = setup_model_and_optimizer(args)
+        padding = padded_rows(state.model, vocab, args.untie_embeddings_and_output_weights)
         reference = torch.zeros(2, steps, dtype=torch.float64)
         if torch.distributed.get_rank() == 0:
-            reference = torch.tensor(hf_training_curve(hf_dir, batches, hyper, bf16),
+            reference = torch.tensor(hf_training_curve(hf_dir, batches, hyper, bf16, padding),
                                      dtype=torch.float64)
-        mine = megatron_training_curve(args, batches)
+        mine = megatron_training_curve(state, args, batches)
         reference = reference.to(_device())
         torch.distributed.broadcast(reference, src=0)
         hf_loss, hf_norm = reference.tolist()

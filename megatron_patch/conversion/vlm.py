@@ -46,7 +46,6 @@ from megatron_patch.models.registry import (
     family_for_hf_config,
     get_family,
 )
-from megatron_patch.runtime.cpu_compat import apply_cpu_compat
 
 UNUSED_FILE = "hf_unused.safetensors"
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
@@ -116,7 +115,6 @@ class _MetaStaysMeta(torch.overrides.TorchFunctionMode):
 def build_vlm_layout(args: Any, family: ModelFamily, hf_config: HFConfig,
                      dtype: torch.dtype) -> VLMLayout:
     """The layout model (needs an initialised TP=1, PP=1 state)."""
-    apply_cpu_compat()
     config = dataclasses.replace(transformer_config_from_args(args), params_dtype=dtype,
                                  perform_initialization=False, use_cpu_initialization=True)
     with torch.device("meta"), _MetaStaysMeta():

@@ -11,6 +11,7 @@ commands instead of running them. The training output is shown and also written 
 from __future__ import annotations
 
 import os
+import re
 import shlex
 import subprocess
 import sys
@@ -31,8 +32,16 @@ def layout_for(family: str, script: str) -> str:
     return "mcore-moe" if any(m.is_moe for m in family_sizes(family)) else "mcore"
 
 
+_PLACEHOLDER = re.compile(r"[\w@%+=:,./-]*\$\{\w+\}[\w@%+=:,./${}-]*")
+
+
+def _quote(word: str) -> str:
+    """Shell quoting that leaves ``${VAR}`` placeholders for the job's shell to expand."""
+    return f'"{word}"' if _PLACEHOLDER.fullmatch(word) else shlex.quote(word)
+
+
 def _show(command: list[str], env: dict[str, str]) -> str:
-    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(command)])
+    return " ".join([*(f"{k}={_quote(v)}" for k, v in env.items()), *map(_quote, command)])
 
 
 def _run_logged(launch: Launch) -> int:
@@ -57,17 +66,18 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     family, script = argv[:2]
+    dry_run = os.environ.get("DRY_RUN", "0") not in ("0", "")
     try:
         parsed = parse_launch(argv[2:], layout_for(family, script),
                               None if script == "mcore" else script)
         launch = compose(family, parsed.mode, parsed.settings, parsed.extra,
-                         available_backends())
+                         available_backends(), dry_run)
     except (LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for note in launch.notes:
         print(f"note: {note}")
-    if os.environ.get("DRY_RUN", "0") not in ("0", ""):
+    if dry_run:
         for command in [*launch.prepare, launch.train]:
             print(_show(command, launch.env))
         return 0

@@ -43,82 +43,130 @@ class Launch:
     notes: list[str] = field(default_factory=list)
 
 
-def _topology(settings: RunSettings, backends: Backends) -> dict[str, str]:
-    """torchrun's node/process layout for ENV=dsw (this node) or ENV=dlc (multi-node job)."""
+GPU_PRECISIONS = ("bf16", "fp16", "fp8")
+GPUS_PER_NODE = 8  # a dry run's processes per node on GPUs it cannot see (NPROC_PER_NODE sets it)
+JOB_VARIABLES = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")  # ENV=dlc: the job's
+# Kinds of check (validate): "world" needs the process count, "hardware" the target's devices
+# and libraries; a dry run reports them as notes where it only assumes those.
+WORLD, HARDWARE = "world", "hardware"
+TOKENIZER_PLACEHOLDER = "${TOKENIZER_PATH}"  # a dry run's tokenizer when none is given
+
+
+def _composes_for_gpus_elsewhere(settings: RunSettings, backends: Backends, dry_run: bool) -> bool:
+    """Whether a dry run on a machine without GPUs composes for GPU nodes: the settings ask for
+    them (PR=bf16/fp16/fp8, or ENV=dlc, a cluster job)."""
+    return dry_run and not backends.cuda and (settings.pr in GPU_PRECISIONS
+                                              or settings.env == "dlc")
+
+
+@dataclass(frozen=True)
+class Topology:
+    """torchrun's node/process flags, the process count the checks use, and what was assumed."""
+
+    layout: dict[str, str]
+    world: int
+    assumed: list[str]  # notes: what a dry run could not read and assumed (empty: all known)
+
+
+def _topology(settings: RunSettings, backends: Backends, dry_run: bool,
+              elsewhere: bool) -> Topology:
+    """The node/process layout for ENV=dsw (this node) or ENV=dlc (multi-node job).
+
+    A dry run stands in for what only the target knows: ``GPUS_PER_NODE`` processes per node
+    on GPUs it cannot see (``elsewhere``), and ``${WORLD_SIZE}``-style placeholders for the
+    job's variables (the checks then assume one node).
+    """
     # The smallest world the layout needs: dense and expert layouts both tile it.
     dense, expert = settings.tp * settings.cp, settings.ep * settings.expert_tp
     smallest = dense * expert // math.gcd(dense, expert) * settings.pp
-    default_procs = backends.gpu_count if backends.cuda else smallest
-    layout = {"nproc-per-node": os.environ.get("NPROC_PER_NODE", str(default_procs)),
-              "nnodes": "1", "node-rank": "0", "master-addr": "localhost",
-              "master-port": os.environ.get("MASTER_PORT", "6000")}
+    assumed = []
+    nproc = os.environ.get("NPROC_PER_NODE")
+    if nproc is None and elsewhere:
+        nproc = str(GPUS_PER_NODE)
+        assumed.append(f"NPROC_PER_NODE unset: {GPUS_PER_NODE} GPUs per node assumed (set it "
+                       "to the target's count)")
+    elif nproc is None:
+        nproc = str(backends.gpu_count if backends.cuda else smallest)
+    layout = {"nproc-per-node": nproc, "nnodes": "1", "node-rank": "0",
+              "master-addr": "localhost", "master-port": os.environ.get("MASTER_PORT", "6000")}
+    nodes = 1
     if settings.env == "dlc":
-        missing = [v for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
-                   if v not in os.environ]
-        if missing:
+        missing = [v for v in JOB_VARIABLES if v not in os.environ]
+        if missing and not dry_run:
             raise LaunchError(f"ENV=dlc reads the job's {missing} from the environment; unset")
-        layout.update({"nnodes": os.environ["WORLD_SIZE"], "node-rank": os.environ["RANK"],
-                       "master-addr": os.environ["MASTER_ADDR"],
-                       "master-port": os.environ["MASTER_PORT"]})
-    return layout
+        if missing:
+            assumed.append(f"ENV=dlc: {', '.join(missing)} are the job's; shown as placeholders"
+                           + (", checks assume one node" if "WORLD_SIZE" in missing else ""))
+        job = {v: os.environ.get(v, f"${{{v}}}") for v in JOB_VARIABLES}
+        layout.update({"nnodes": job["WORLD_SIZE"], "node-rank": job["RANK"],
+                       "master-addr": job["MASTER_ADDR"], "master-port": job["MASTER_PORT"]})
+        nodes = 1 if "WORLD_SIZE" in missing else int(job["WORLD_SIZE"])
+    return Topology(layout, int(nproc) * nodes, assumed)
 
 
-def validate(settings: RunSettings, model: dict, world: int, backends: Backends) -> None:
+def validate(settings: RunSettings, model: dict, world: int, backends: Backends,
+             as_notes: tuple[str, ...] = ()) -> list[str]:
     """Refuse a combination Megatron would reject (or run wrongly) later, naming the fix.
 
     ``model`` holds the Megatron argument values of the model size, ``world`` the process count.
+    Failed checks of the kinds in ``as_notes`` (``WORLD``, ``HARDWARE``) are returned instead.
     """
     s = settings
     model_parallel = s.tp * s.pp * s.cp
     heads, layers = model["num_attention_heads"], model["num_layers"]
     experts = model.get("num_experts")
     kv_problem = model_kv_split_problem(model, s.tp)
+    data_parallel = max(1, world // model_parallel)
+    microbatches = s.global_batch_size // (s.batch_size * data_parallel)
     checks = [
-        (world % model_parallel == 0,
+        (WORLD, world % model_parallel == 0,
          f"{world} processes are not divisible by TP*PP*CP={s.tp}*{s.pp}*{s.cp}"),
-        (heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
-        (kv_problem is None, f"TP={s.tp}: {kv_problem}"),
-        (layers % (s.pp * s.vpp) == 0,
+        (None, heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
+        (None, kv_problem is None, f"TP={s.tp}: {kv_problem}"),
+        (None, layers % (s.pp * s.vpp) == 0,
          f"PP*VPP={s.pp}*{s.vpp} must divide the {layers} layers" if s.vpp > 1 else
          f"PP={s.pp} must divide the {layers} layers"),
-        (s.vpp == 1 or s.pp > 1, f"VPP={s.vpp} (interleaved pipeline) needs PP>1"),
-        (not s.sp or s.tp > 1, "SP=true needs TP>1"),
-        (not s.sp or s.seq_len % s.tp == 0,
+        (None, s.vpp == 1 or s.pp > 1, f"VPP={s.vpp} (interleaved pipeline) needs PP>1"),
+        (None, not s.sp or s.tp > 1, "SP=true needs TP>1"),
+        (None, not s.sp or s.seq_len % s.tp == 0,
          f"SP=true splits the sequence over TP: SEQ_LEN={s.seq_len} must be a multiple of "
          f"TP={s.tp}"),
-        (s.seq_len % (2 * s.cp) == 0,
+        (None, s.seq_len % (2 * s.cp) == 0,
          f"CP={s.cp} splits each sequence into 2*CP chunks: SEQ_LEN={s.seq_len} must be a "
          f"multiple of {2 * s.cp}"),
-        (s.pr != "fp8" or backends.transformer_engine
+        (HARDWARE, s.pr != "fp8" or backends.transformer_engine
          or importlib.util.find_spec("torchao") is not None,
          "PR=fp8 needs Transformer Engine or torchao (pip install 'megatron-patch[fp8]')"),
-        (s.pr not in ("bf16", "fp16", "fp8") or backends.cuda,
+        (HARDWARE, s.pr not in GPU_PRECISIONS or backends.cuda,
          f"PR={s.pr} needs a GPU; use PR=fp32 (or auto) on the CPU"),
-        (s.warmup_iters < s.train_iters,
+        (None, s.warmup_iters < s.train_iters,
          f"the {s.warmup_iters} warm-up iterations must be fewer than the {s.train_iters} "
          "training iterations (WARMUP_TOKENS/TRAIN_TOKENS or --warmup-iters/--train-iters)"),
-        (experts or (s.ep == 1 and s.etp is None),
+        (None, experts or (s.ep == 1 and s.etp is None),
          f"EP={s.ep}/ETP={s.etp} need a mixture-of-experts model; MODEL_SIZE={s.model_size} "
          "has no experts"),
-        (not experts or experts % s.ep == 0,
+        (None, not experts or experts % s.ep == 0,
          f"EP={s.ep} must divide the {experts} experts"),
-        (not experts or world % (s.ep * s.expert_tp * s.pp) == 0,
+        (WORLD, not experts or world % (s.ep * s.expert_tp * s.pp) == 0,
          f"{world} processes are not divisible by EP*ETP*PP={s.ep}*{s.expert_tp}*{s.pp}"),
-        (not experts or s.ep == 1 or s.tp == 1 or s.sp,
+        (None, not experts or s.ep == 1 or s.tp == 1 or s.sp,
          f"EP={s.ep} with TP={s.tp} needs SP=true (Megatron's expert dispatch expects "
          "sequence-parallel tokens)"),
+        (WORLD, s.global_batch_size % (s.batch_size * data_parallel) == 0,
+         f"GLOBAL_BATCH_SIZE={s.global_batch_size} must be a multiple of "
+         f"BATCH_SIZE*DP={s.batch_size}*{data_parallel}"),
+        (WORLD, s.vpp == 1 or microbatches % s.pp == 0,
+         f"VPP={s.vpp} needs the {microbatches} micro-batches per step "
+         f"(GLOBAL_BATCH_SIZE/(BATCH_SIZE*DP)) to be a multiple of PP={s.pp}"),
     ]
-    for ok, message in checks:
-        if not ok:
+    notes = []
+    for kind, ok, message in checks:
+        if ok:
+            continue
+        if kind not in as_notes:
             raise LaunchError(message)
-    data_parallel = world // model_parallel
-    if s.global_batch_size % (s.batch_size * data_parallel):
-        raise LaunchError(f"GLOBAL_BATCH_SIZE={s.global_batch_size} must be a multiple of "
-                          f"BATCH_SIZE*DP={s.batch_size}*{data_parallel}")
-    microbatches = s.global_batch_size // (s.batch_size * data_parallel)
-    if s.vpp > 1 and microbatches % s.pp:
-        raise LaunchError(f"VPP={s.vpp} needs the {microbatches} micro-batches per step "
-                          f"(GLOBAL_BATCH_SIZE/(BATCH_SIZE*DP)) to be a multiple of PP={s.pp}")
+        notes.append(f"check on the target: {message}")
+    return notes
 
 
 def precision_flags(pr: str) -> list[str]:
@@ -143,11 +191,14 @@ def _run_name(family: str, mode: str, s: RunSettings, pr: str) -> str:
             f"{s.warmup_iters}")
 
 
-def _tokenizer(settings: RunSettings) -> tuple[str, str | None]:
-    """Tokenizer type and path: the shipped one for ``tiny``, else the model's own."""
+def _tokenizer(settings: RunSettings, dry_run: bool) -> tuple[str, str | None]:
+    """Tokenizer type and path: the shipped one for ``tiny``, else the model's own (a dry run
+    without one shows ``${TOKENIZER_PATH}``)."""
     if settings.model_size == "tiny":
         return "TinyTokenizer", None
     path = os.environ.get("TOKENIZER_PATH", settings.pretrain_checkpoint_path)
+    if path == NO_CHECKPOINT and dry_run:
+        return "HFTokenizer", TOKENIZER_PLACEHOLDER
     if path == NO_CHECKPOINT:
         raise LaunchError(f"MODEL_SIZE={settings.model_size} needs a tokenizer: set "
                           "TOKENIZER_PATH or give a converted PRETRAIN_CHECKPOINT_PATH")
@@ -246,13 +297,22 @@ def _architecture_flags(model_size: str, model: dict) -> list[str]:
 
 
 def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
-            backends: Backends) -> Launch:
+            backends: Backends, dry_run: bool = False) -> Launch:
     """The full launch for ``family`` in ``mode`` ("pretrain" or "finetune"/"sft").
 
     Fine-tuning trains on sequences of PAD_LEN tokens (samples padded or packed to it), which
-    must not exceed SEQ_LEN.
+    must not exceed SEQ_LEN. A ``dry_run`` composes the job for its target from anywhere (a
+    login node): on a machine without GPUs for GPU nodes when the settings ask for them, with
+    placeholders for what only the job's environment gives, and the checks that need the
+    target's hardware or process count as notes.
     """
     mode = MODES[mode]
+    notes = []
+    elsewhere = _composes_for_gpus_elsewhere(settings, backends, dry_run)
+    if elsewhere:
+        backends = dataclasses.replace(backends, cuda=True)
+        reason = f"PR={settings.pr}" if settings.pr in GPU_PRECISIONS else "ENV=dlc"
+        notes.append(f"DRY_RUN on a machine without GPUs: composed for GPU nodes ({reason})")
     pr = settings.pr if settings.pr != "auto" else ("bf16" if backends.cuda else "fp32")
     settings = dataclasses.replace(settings, pr=pr)
     if mode == "finetune":
@@ -261,17 +321,20 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
                               f"SEQ_LEN={settings.seq_len}")
         settings = dataclasses.replace(settings, seq_len=settings.pad_len)
     model = get_family(family).hf_to_megatron(_hf_config(family, settings.model_size))
-    layout = _topology(settings, backends)
-    world = int(layout["nproc-per-node"]) * int(layout["nnodes"])
-    notes = []
+    topology = _topology(settings, backends, dry_run, elsewhere)
+    notes += topology.assumed
     if settings.offload_fraction and not settings.do:
         notes.append("OPTIMIZER_OFFLOAD needs the distributed optimizer: DO=true")
         settings = dataclasses.replace(settings, do=True)
-    validate(settings, model, world, backends)
+    as_notes = (WORLD,) * bool(topology.assumed) + (HARDWARE,) * elsewhere
+    notes += validate(settings, model, topology.world, backends, as_notes)
 
     name = _run_name(family, mode, settings, pr)
     out = Path(settings.output_basepath).resolve()
-    kind, tokenizer_path = _tokenizer(settings)
+    kind, tokenizer_path = _tokenizer(settings, dry_run)
+    if tokenizer_path == TOKENIZER_PLACEHOLDER:
+        notes.append(f"no tokenizer given (TOKENIZER_PATH or PRETRAIN_CHECKPOINT_PATH): shown "
+                     f"as {TOKENIZER_PLACEHOLDER}")
     prepare, data = _data(mode, settings, out, kind, tokenizer_path)
     tokenizer = ["--patch-tokenizer-type", kind]
     tokenizer += ["--patch-tokenizer-path", tokenizer_path] if tokenizer_path else []
@@ -299,12 +362,13 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         *extra,
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run",
-                *(f"--{key}={value}" for key, value in layout.items()),
+                *(f"--{key}={value}" for key, value in topology.layout.items()),
                 "-m", ENTRY_POINTS[mode]]
     env: dict[str, str] = {}
     if backends.cuda:
         env["CUDA_DEVICE_MAX_CONNECTIONS"] = "1"
-    elif int(layout["nproc-per-node"]) > 1:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(layout["nproc-per-node"])))
+    elif int(topology.layout["nproc-per-node"]) > 1:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1)
+                                         // int(topology.layout["nproc-per-node"])))
     return Launch(name=name, train=torchrun + train, env=env, prepare=prepare,
                   log_file=out / "log" / f"{name}.log", notes=notes)

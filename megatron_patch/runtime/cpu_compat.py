@@ -10,8 +10,9 @@ only when ``torch.cuda.is_available()`` is False (so nothing that works on a GPU
    the mode answers ``tensor.type()`` with the CUDA type name of a CPU tensor.
 3. RNG: the model-parallel RNG tracker saves and restores the CUDA generator state. Here it
    uses the CPU generator instead, so dropout/initialisation forks keep Megatron's semantics.
-4. Streams and device queries: CUDA streams/events become no-ops (CPU work is serial) and
-   ``megatron.training``'s GPU-architecture probe reports 0.
+4. Streams and device queries: CUDA streams/events become no-ops (CPU work is serial; MoE's
+   alltoall dispatcher creates a stream when it is built) and ``megatron.training``'s
+   GPU-architecture probe reports 0.
 5. MoE: the alltoall token dispatcher's split sizes become numpy arrays, as its GPU path makes
    them (``all_to_all_single`` rejects tensors there).
 

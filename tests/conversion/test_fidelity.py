@@ -5,7 +5,8 @@ at TP=1 (DP=2), TP=2 and PP=2, a checkpoint whose layer 2 has k and v swapped (a
 mapping would), and 20 fp32 AdamW steps of Llama, Qwen2 (tied embeddings) and Qwen3 at
 (TP, PP) = (1, 1) with DP=2, (2, 1) and (1, 2), of Mixtral at EP=2, and 5 of the multi-query
 Falcon and StarCoder at TP=2 (one key/value head for two ranks), against transformers +
-torch's AdamW.
+torch's AdamW. ``verify --train-steps --plot`` through the console script, on a trained padded
+vocabulary: tests/test_cli_end_to_end.py.
 """
 
 import json
@@ -147,13 +148,4 @@ def test_verify_layers_cli_fails_naming_the_layer(models):
     bad = _verify("--hf-dir", str(hf), "--mcore-dir", str(mcore), "--layers", "--tp", "2")
     assert bad.returncode == 1, bad.stdout + bad.stderr[-3000:]
     assert f"first over relative tolerance 0.0001: layer {BROKEN_LAYER} attention" in bad.stdout
-
-
-def test_verify_train_steps_cli_writes_the_plot(models, tmp_path):
-    hf, mcore = models["llama_mha"]
-    plot = tmp_path / "curves.png"
-    ok = _verify("--hf-dir", str(hf), "--mcore-dir", str(mcore), "--train-steps", "3",
-                 "--plot", str(plot))
-    assert ok.returncode == 0 and "(tolerance 0.0001): OK" in ok.stdout, \
-        ok.stdout + ok.stderr[-3000:]
-    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Traceback" not in bad.stderr  # the ranks exit 0, the relaunch returns rank 0's 1

@@ -130,16 +130,18 @@ ROPE_CASES: dict[str, tuple[type, dict]] = {
 
 def rope_config(case: str) -> transformers.PretrainedConfig:
     """A tiny llama/qwen2 config with the rope dict of ``ROPE_CASES[case]``."""
-    config_class, rope = ROPE_CASES[case]
-    return config_class(**{**_COMMON, "rope_parameters": {"rope_theta": 10000.0, **rope}})
+    return tiny_config(case)
 
 
-def tiny_config(case: str) -> transformers.PretrainedConfig:
-    """The transformers config of a ``case`` of CASES, REFERENCE_CASES or ROPE_CASES."""
+def tiny_config(case: str, **changes) -> transformers.PretrainedConfig:
+    """The transformers config of a ``case`` of CASES, REFERENCE_CASES or ROPE_CASES (with
+    ``changes``)."""
     if case in ROPE_CASES:
-        return rope_config(case)
-    config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
-    return config_class(**{**_COMMON, **overrides})
+        config_class, rope = ROPE_CASES[case]
+        overrides = {"rope_parameters": {"rope_theta": 10000.0, **rope}}
+    else:
+        config_class, overrides = {**CASES, **REFERENCE_CASES}[case]
+    return config_class(**{**_COMMON, **overrides, **changes})
 
 
 def save_tiny_model(case: str, path: Path, dtype: torch.dtype = torch.float32,
