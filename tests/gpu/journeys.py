@@ -132,8 +132,13 @@ class Result:
     seconds: float
 
 
-def run(journey: Journey, config: str, site: str, out: Path, timeout: float) -> Result:
-    """Run one journey in ``out/config`` with ``site`` first on the path; parse its log."""
+def run(journey: Journey, config: str, site: str, out: Path, deadline: float) -> Result:
+    """Run one journey in ``out/config`` with ``site`` first on the path; parse its log.
+
+    It is stopped at ``deadline`` (a ``time.time()``), and not started after it."""
+    timeout = deadline - time.time()
+    if timeout <= 0:
+        return Result(False, "not started (deadline)", "", 0.0)
     work = out / config
     work.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{site}:{REPO}", "PYTHONUNBUFFERED": "1",
@@ -165,10 +170,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=6, help="journeys at a time")
     parser.add_argument("--only", default=None, help="comma-separated journey names")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per journey")
+    parser.add_argument("--deadline", type=float, default=None,
+                        help="seconds for the whole run (journeys left then are not started)")
     opts = parser.parse_args(argv)
     configs = dict(c.split("=", 1) for c in opts.config)
     names = list(configs)
     out = Path(opts.out).resolve()
+    end = time.time() + (opts.deadline or float("inf"))
     results: dict[tuple[str, str], Result] = {}
     rows: list[str] = []
     plans = {c: journeys(names[(names.index(c) + 1) % len(names)] if len(names) > 1 else None)
@@ -181,8 +189,9 @@ def main(argv: list[str] | None = None) -> int:
                     wanted = opts.only is None or journey.stage == 0 or journey.name in \
                         opts.only.split(",")
                     if journey.stage == stage and wanted:
+                        deadline = min(end, time.time() + opts.timeout)
                         futures[pool.submit(run, journey, config, configs[config], out,
-                                            opts.timeout)] = (
+                                            deadline)] = (
                             journey.name, config)
                         rows += [journey.name] if journey.name not in rows else []
             for future in concurrent.futures.as_completed(futures):

@@ -12,7 +12,7 @@
 # installed into /tmp/site-te (all of them) and /tmp/site-torch (all but transformer_engine);
 # without a TE wheel only "torch" runs (REUSE=1 keeps directories an earlier run installed).
 # CONFIGS="torch" picks configurations, SKIP="bench moe" skips steps by name, FIDELITY_FP8=0
-# trains the bf16 curves only, RESULTS_DIR (default output/gpu) keeps the results.
+# trains the bf16 curves only, JOURNEYS_DEADLINE=SECONDS bounds the journeys, RESULTS_DIR (default output/gpu) keeps the results.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 CUDA_DEVICE_MAX_CONNECTIONS=1
 RESULTS="${RESULTS_DIR:-output/gpu}"
@@ -46,7 +46,8 @@ if wanted journeys; then
   echo "== user journeys"
   args=()
   for c in $CONFIGS; do args+=(--config "$c=${SITE[$c]}"); done
-  python3 -m tests.gpu.journeys "${args[@]}" --out "$RESULTS/journeys" 2>&1 \
+  python3 -m tests.gpu.journeys "${args[@]}" --out "$RESULTS/journeys" \
+    ${JOURNEYS_DEADLINE:+--deadline "$JOURNEYS_DEADLINE"} 2>&1 \
     | tee "$RESULTS/journeys.txt"
 fi
 for c in $CONFIGS; do
