@@ -19,12 +19,12 @@ import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.pipeline_parallel import get_forward_backward_func
-from megatron.training.checkpointing import load_checkpoint
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.training.checkpoint import load_checkpoint
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
 

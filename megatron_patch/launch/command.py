@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import math
 import os
@@ -10,8 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_patch.launch.flags import megatron_flags
-from megatron_patch.launch.model_sizes import model_size_config
+from megatron_patch.launch.preflight import input_problems
+from megatron_patch.launch.run_model import RunModel, run_model
 from megatron_patch.launch.settings import (
     MODES,
     NO_CHECKPOINT,
@@ -20,8 +21,6 @@ from megatron_patch.launch.settings import (
     LaunchError,
     RunSettings,
 )
-from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.models.registry import HFConfig, family_for_hf_config, get_family
 from megatron_patch.runtime.backends import Backends
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -40,6 +39,9 @@ class Launch:
     prepare: list[list[str]] = field(default_factory=list)
     log_file: Path | None = None
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # missing inputs (launch/preflight.py)
+    save_dir: Path | None = None
+    train_iters: int = 0
 
 
 def _topology(settings: RunSettings, backends: Backends) -> dict[str, str]:
@@ -72,7 +74,11 @@ def validate(settings: RunSettings, model: dict, world: int, backends: Backends)
     heads, groups, layers = (model["num_attention_heads"], model["num_query_groups"],
                              model["num_layers"])
     experts = model.get("num_experts")
+    positions = model.get("max_position_embeddings") or s.seq_len
     checks = [
+        (s.seq_len <= positions,
+         f"SEQ_LEN={s.seq_len} exceeds the model's {positions} positions "
+         "(max_position_embeddings); use --seq-len (SEQ_LEN/PAD_LEN) of at most that"),
         (world % model_parallel == 0,
          f"{world} processes are not divisible by TP*PP*CP={s.tp}*{s.pp}*{s.cp}"),
         (heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
@@ -142,11 +148,16 @@ def _run_name(family: str, mode: str, s: RunSettings, pr: str) -> str:
             f"{s.warmup_iters}")
 
 
-def _tokenizer(settings: RunSettings) -> tuple[str, str | None]:
-    """Tokenizer type and path: the shipped one for ``tiny``, else the model's own."""
+def _tokenizer(settings: RunSettings, source: RunModel) -> tuple[str, str | None]:
+    """Tokenizer type and path: TOKENIZER_PATH, the checkpoint's, the shipped one for ``tiny``,
+    else the converted checkpoint's files."""
+    if os.environ.get("TOKENIZER_PATH"):
+        return "HFTokenizer", os.environ["TOKENIZER_PATH"]
+    if source.tokenizer:
+        return source.tokenizer
     if settings.model_size == "tiny":
         return "TinyTokenizer", None
-    path = os.environ.get("TOKENIZER_PATH", settings.pretrain_checkpoint_path)
+    path = settings.pretrain_checkpoint_path
     if path == NO_CHECKPOINT:
         raise LaunchError(f"MODEL_SIZE={settings.model_size} needs a tokenizer: set "
                           "TOKENIZER_PATH or give a converted PRETRAIN_CHECKPOINT_PATH")
@@ -177,7 +188,8 @@ def _data(mode: str, settings: RunSettings, out: Path, kind: str, path: str | No
         return [], [*_sources(paths, settings), *(["--sft-packing"] if packing else [])]
     if settings.dataset_path != SHIPPED_DATA:
         return [], _sources(settings.dataset_path.split(), settings)
-    prefix = out / "data" / "tiny_corpus"
+    prefix = out / "data" / ("tiny_corpus" if path is None else  # one per tokenizer
+                             f"tiny_corpus_{hashlib.sha1(path.encode()).hexdigest()[:8]}")
     document = f"{prefix}_text_document"
     prepare = []
     if not Path(document + ".bin").is_file():
@@ -208,11 +220,8 @@ def parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
 
 
 def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
-    """Resume from this run's own checkpoints if any, else start from the given checkpoint.
-
-    ``save`` is ``--save`` (SAVE_PATH) when given, else the run's own directory.
-    """
-    save = Path(settings.save_path) if settings.save_path else save
+    """Resume from this run's own checkpoints in ``save`` if any, else start from the given
+    checkpoint."""
     flags = ["--save", str(save), "--save-interval", str(settings.save_interval)]
     if (save / "latest_checkpointed_iteration.txt").is_file():
         return flags + ["--load", str(save)]
@@ -220,28 +229,6 @@ def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
         return flags + ["--load", settings.pretrain_checkpoint_path, "--finetune",
                         "--no-load-optim", "--no-load-rng"]
     return flags
-
-
-def _hf_config(family: str, model_size: str) -> HFConfig:
-    """A size of the family's table, or the config.json of an HF model directory."""
-    if not Path(model_size).is_dir():
-        return model_size_config(family, model_size)
-    config = load_hf_config(model_size)
-    found = family_for_hf_config(config).name
-    if found != family:
-        raise LaunchError(f"MODEL_SIZE={model_size} is a {found} model, not {family}")
-    return config
-
-
-def _architecture_flags(model_size: str, model: dict) -> list[str]:
-    """The model's Megatron flags; an HF directory is passed whole (``--hf-config-path``)."""
-    if Path(model_size).is_dir():
-        return ["--hf-config-path", str(Path(model_size).resolve())]
-    try:
-        return megatron_flags(model)
-    except ValueError as exc:
-        raise LaunchError(f"MODEL_SIZE={model_size}: {exc}; give MODEL_SIZE as the model's HF "
-                          "directory instead") from None
 
 
 def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
@@ -259,7 +246,8 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
             raise LaunchError(f"PAD_LEN={settings.pad_len} must not exceed "
                               f"SEQ_LEN={settings.seq_len}")
         settings = dataclasses.replace(settings, seq_len=settings.pad_len)
-    model = get_family(family).hf_to_megatron(_hf_config(family, settings.model_size))
+    source = run_model(family, settings)
+    settings, model = dataclasses.replace(settings, model_size=source.size), source.model
     layout = _topology(settings, backends)
     world = int(layout["nproc-per-node"]) * int(layout["nnodes"])
     notes = []
@@ -267,10 +255,18 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         notes.append("OPTIMIZER_OFFLOAD needs the distributed optimizer: DO=true")
         settings = dataclasses.replace(settings, do=True)
     validate(settings, model, world, backends)
+    if settings.warmup_shortened:
+        notes.append(f"warm-up: {settings.warmup_iters} iterations, a tenth of the "
+                     f"{settings.train_iters} training iterations (--warmup-iters sets it)")
 
     name = _run_name(family, mode, settings, pr)
     out = Path(settings.output_basepath).resolve()
-    kind, tokenizer_path = _tokenizer(settings)
+    # A --save directory elsewhere also holds the run's TensorBoard and log files.
+    save = Path(settings.save_path).resolve() if settings.save_path else None
+    run_files = {"save": save or out / "checkpoint" / name,
+                 "tensorboard": save / "tensorboard" if save else out / "tensorboard" / name,
+                 "log": save / "log" / f"{name}.log" if save else out / "log" / f"{name}.log"}
+    kind, tokenizer_path = _tokenizer(settings, source)
     prepare, data = _data(mode, settings, out, kind, tokenizer_path)
     tokenizer = ["--patch-tokenizer-type", kind]
     tokenizer += ["--patch-tokenizer-path", tokenizer_path] if tokenizer_path else []
@@ -281,7 +277,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         notes.append("FL=true: no Transformer Engine, attention runs on torch SDPA "
                      "(flash/cuDNN kernels on GPU)")
     train = [
-        "--model-family", family, *_architecture_flags(settings.model_size, model),
+        "--model-family", family, *source.flags,
         *parallel_flags(settings, model.get("num_experts")),
         "--micro-batch-size", str(settings.batch_size),
         "--global-batch-size", str(settings.global_batch_size),
@@ -293,9 +289,9 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         "--clip-grad", "1.0", "--seed", "1234",
         *precision_flags(pr), *recompute_flags(settings.ac), *attention,
         *data, *tokenizer,
-        *_checkpoint_flags(settings, out / "checkpoint" / name),
+        *_checkpoint_flags(settings, run_files["save"]),
         "--log-interval", "10", "--eval-interval", str(max(1, settings.save_interval)),
-        "--eval-iters", "5", "--tensorboard-dir", str(out / "tensorboard" / name),
+        "--eval-iters", "5", "--tensorboard-dir", str(run_files["tensorboard"]),
         *extra,
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run",
@@ -307,4 +303,6 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
     elif int(layout["nproc-per-node"]) > 1:
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // int(layout["nproc-per-node"])))
     return Launch(name=name, train=torchrun + train, env=env, prepare=prepare,
-                  log_file=out / "log" / f"{name}.log", notes=notes)
+                  log_file=run_files["log"], notes=notes,
+                  problems=input_problems(mode, settings, tokenizer_path),
+                  save_dir=run_files["save"], train_iters=settings.train_iters)

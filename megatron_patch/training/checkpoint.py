@@ -30,9 +30,8 @@ from megatron.training.checkpointing import save_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException as DCPFailure
 
 from megatron_patch.conversion.files import atomic_write_text, fsync_path, fsync_tree
-from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.conversion.metadata import TRACKER_FILE, checkpoint_metadata
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 STAGING_DIR = ".saving"
 # Megatron arguments that fix the model's parameters: a checkpoint differing in one cannot load.
 ARCHITECTURE_ARGS = (
@@ -326,3 +325,39 @@ def check_checkpoint_before_load(args: argparse.Namespace) -> Path | None:
         _check_model(saved, args, directory)
     _check_converted_tokenizer(args)
     return directory
+
+
+def _finetune_load_message(message: object) -> str | None:
+    """Megatron's load message as read under ``--finetune`` (None: not worth printing).
+
+    With ``--finetune`` Megatron deliberately ignores the saved arguments and iteration (only
+    the weights are taken), yet says it found no arguments and loaded "at iteration 0".
+    """
+    text = str(message)
+    if text.startswith("could not find arguments in the checkpoint"):
+        return None
+    if "successfully loaded checkpoint" in text and text.endswith("at iteration 0"):
+        return text.removesuffix("at iteration 0") + ("(weights only, --finetune: iterations "
+                                                      "count from 0)")
+    return text
+
+
+def load_checkpoint(model, optimizer, scheduler, **kwargs) -> tuple[int, float]:
+    """Megatron's ``load_checkpoint``, its messages reworded for ``--finetune`` loads."""
+    from megatron.training import checkpointing
+    from megatron.training.global_vars import get_args
+
+    if not get_args().finetune:
+        return checkpointing.load_checkpoint(model, optimizer, scheduler, **kwargs)
+    original = checkpointing.print_rank_0
+
+    def reworded(message, *args, **print_kwargs):
+        text = _finetune_load_message(message)
+        if text is not None:
+            original(text, *args, **print_kwargs)
+
+    checkpointing.print_rank_0 = reworded
+    try:
+        return checkpointing.load_checkpoint(model, optimizer, scheduler, **kwargs)
+    finally:
+        checkpointing.print_rank_0 = original

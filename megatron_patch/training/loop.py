@@ -24,7 +24,7 @@ from megatron.core.num_microbatches_calculator import get_num_microbatches
 from megatron.core.optimizer import get_megatron_optimizer
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.utils import get_batch_on_this_cp_rank, get_model_config
-from megatron.training.checkpointing import checkpoint_exists, load_checkpoint
+from megatron.training.checkpointing import checkpoint_exists
 from megatron.training.global_vars import get_args
 from megatron.training.training import (
     get_megatron_optimizer_config,
@@ -42,7 +42,7 @@ from megatron_patch.runtime.gpu_fast_paths import (
     compile_transformer_layers,
     use_fused_adam,
 )
-from megatron_patch.training.checkpoint import save_checkpoint_atomic
+from megatron_patch.training.checkpoint import load_checkpoint, save_checkpoint_atomic
 from megatron_patch.training.logging import TrainingLogger
 from megatron_patch.training.moe_metrics import moe_router_losses
 from megatron_patch.training.resilience import (
