@@ -7,6 +7,7 @@ import pytest
 from megatron_patch.launch.command import SHIPPED_CHAT, compose
 from megatron_patch.launch.settings import POSITIONAL, LaunchError, RunSettings, parse_positional
 from megatron_patch.runtime.backends import Backends
+from tests.launch import REPO
 
 CPU = Backends(cuda=False, transformer_engine=False, apex=False, flash_attn=False)
 GPU = Backends(cuda=True, transformer_engine=False, apex=False, flash_attn=False)
@@ -382,3 +383,27 @@ def test_every_family_has_a_run_mcore_launcher(tmp_path):
     assert "-m megatron_patch.training.finetune --model-family qwen3" in command
     assert "--qk-layernorm" in command and "--global-batch-size 32" in command
     assert command.endswith("--log-interval 1")
+
+
+def test_launcher_headers_list_every_size_of_the_table():
+    """Each family launcher's header names every MODEL_SIZE of launch/model_sizes.py."""
+    import re
+
+    from megatron_patch.launch.model_sizes import family_sizes
+    from megatron_patch.models.registry import registered_families
+
+    scripts = {family: [REPO / "examples" / family / f"run_mcore_{family}.sh"]
+               for family in registered_families()}
+    scripts["llama"].append(REPO / "examples" / "llama" / "run_pretrain_mcore_llama.sh")
+    missing = {}
+    for family, paths in scripts.items():
+        for path in paths:
+            if not path.is_file():
+                continue
+            header = " ".join(line for line in path.read_text().splitlines()
+                              if line.startswith("#"))
+            words = set(re.findall(r"[\w.\-]+", header))
+            absent = [m.size for m in family_sizes(family) if m.size not in words]
+            if absent:
+                missing[path.name] = absent
+    assert not missing, missing
