@@ -488,3 +488,15 @@ def test_terminal_shows_informative_lines_only():
              "Traceback (most recent call last):"]
     console = ConsoleFilter()
     assert [line for line in lines if console.shows(line)] == lines[-3:]
+
+
+def test_finetune_load_messages_are_reworded():
+    """--finetune loads (start from a checkpoint, generate, verify) say what Megatron does."""
+    from megatron_patch.training.checkpoint import _finetune_load_message
+
+    assert _finetune_load_message("could not find arguments in the checkpoint ...") is None
+    assert _finetune_load_message(
+        "  successfully loaded checkpoint from ck [ t 1/1, p 1/1 ] at iteration 0") == (
+        "  successfully loaded checkpoint from ck [ t 1/1, p 1/1 ] (its weights only; the "
+        "iteration count starts again at 0)")
+    assert _finetune_load_message(" checkpoint version 3.0") == " checkpoint version 3.0"

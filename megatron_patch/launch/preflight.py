@@ -47,10 +47,10 @@ def input_problems(mode: str, settings: RunSettings, tokenizer_path: str | None)
     if settings.valid_dataset_path != NO_PATH:
         problems += [_data_problem(p, "--valid-data-path", mode)
                      for p in _prefixes(settings.valid_dataset_path)]
-    if tokenizer_path and not Path(tokenizer_path).exists():
+    load = settings.pretrain_checkpoint_path
+    if tokenizer_path and tokenizer_path != load and not Path(tokenizer_path).exists():
         problems.append(f"tokenizer {tokenizer_path}: no such directory; set TOKENIZER_PATH to "
                         "the model's HF tokenizer directory")
-    load = settings.pretrain_checkpoint_path
     if load != NO_CHECKPOINT and not Path(load).is_dir():
         problems.append(f"--load {load}: no such checkpoint directory; convert an HF model with "
                         "`megatron-patch convert hf-to-mcore --hf-dir DIR --out CKPT`")

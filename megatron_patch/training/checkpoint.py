@@ -21,6 +21,7 @@ import contextlib
 import json
 import logging
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -327,6 +328,11 @@ def check_checkpoint_before_load(args: argparse.Namespace) -> Path | None:
     return directory
 
 
+# torch.distributed.checkpoint's notices on every load: meant for library authors, not users.
+_TORCH_LOAD_NOTICES = (r"torch\.distributed is disabled", r"The argument order of load",
+                       r"Please use DTensor instead")
+
+
 def _finetune_load_message(message: object) -> str | None:
     """Megatron's load message as read under ``--finetune`` (None: not worth printing).
 
@@ -337,18 +343,17 @@ def _finetune_load_message(message: object) -> str | None:
     if text.startswith("could not find arguments in the checkpoint"):
         return None
     if "successfully loaded checkpoint" in text and text.endswith("at iteration 0"):
-        return text.removesuffix("at iteration 0") + ("(weights only, --finetune: iterations "
-                                                      "count from 0)")
+        return text.removesuffix("at iteration 0") + ("(its weights only; the iteration count "
+                                                      "starts again at 0)")
     return text
 
 
 def load_checkpoint(model, optimizer, scheduler, **kwargs) -> tuple[int, float]:
-    """Megatron's ``load_checkpoint``, its messages reworded for ``--finetune`` loads."""
+    """Megatron's ``load_checkpoint`` without torch's notices to library authors, its messages
+    reworded for ``--finetune`` loads."""
     from megatron.training import checkpointing
     from megatron.training.global_vars import get_args
 
-    if not get_args().finetune:
-        return checkpointing.load_checkpoint(model, optimizer, scheduler, **kwargs)
     original = checkpointing.print_rank_0
 
     def reworded(message, *args, **print_kwargs):
@@ -356,8 +361,12 @@ def load_checkpoint(model, optimizer, scheduler, **kwargs) -> tuple[int, float]:
         if text is not None:
             original(text, *args, **print_kwargs)
 
-    checkpointing.print_rank_0 = reworded
-    try:
-        return checkpointing.load_checkpoint(model, optimizer, scheduler, **kwargs)
-    finally:
-        checkpointing.print_rank_0 = original
+    with warnings.catch_warnings():
+        for notice in _TORCH_LOAD_NOTICES:
+            warnings.filterwarnings("ignore", message=notice)
+        if get_args().finetune:
+            checkpointing.print_rank_0 = reworded
+        try:
+            return checkpointing.load_checkpoint(model, optimizer, scheduler, **kwargs)
+        finally:
+            checkpointing.print_rank_0 = original
