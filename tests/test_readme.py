@@ -5,7 +5,8 @@ Which commands run is decided by the rules below (:func:`skip_reason`), never by
 lines, so a new README command runs unless a rule excludes it:
 
 - ``bash scripts/setup.sh &&`` is dropped from a line: installing is what ``.ci/run`` does
-  before the tests; the rest of the line runs;
+  before the tests; the rest of the line runs; optional ``[...]`` arguments are left out, and
+  ``output/checkpoint/<run>`` is the run the quick start trained (commands run in README order);
 - not run: the test suite itself (``pytest``), GPU-only or cluster work (``torchrun
   --nproc-per-node 8``, ``tests/gpu/``, benchmarks), commands that rewrite the repository's
   ``cards/`` (``tests/conversion/test_cards.py`` regenerates them), demos another test runs
@@ -38,6 +39,8 @@ from tests.launch import REPO, free_port
 
 README = (REPO / "README.md").read_text()
 DROPPED = ("bash scripts/setup.sh && ",)
+OPTIONAL = re.compile(r"\s\[[^\]]*\]")  # ``[--dtype bf16]``: an optional argument, left out
+QUICK_START_RUN = "output/checkpoint/<run>"  # the run the quick start trained (runs first)
 NOT_RUN = [
     (re.compile(r"(^|\s)(-m )?pytest\b"), "the test suite itself"),
     (re.compile(r"torchrun --nproc-per-node 8"), "needs 8 processes of a cluster"),
@@ -116,14 +119,14 @@ def _missing_input(words: list[str]) -> str | None:
         if looks_like_path and not value.startswith(("/", ".venv/", "output/")) and not any(
                 (REPO / value).parent.glob((REPO / value).name)):
             return value
-        if model_dir and not (REPO / value).exists():
+        if model_dir and not value.startswith("output/") and not (REPO / value).exists():
             return value  # a model directory such as Qwen2.5-7B
     return None
 
 
 def skip_reason(command: Command) -> str | None:
     """Why ``command`` is not run on a CPU (None: it runs)."""
-    text = command.text
+    text = OPTIONAL.sub("", command.text).replace(QUICK_START_RUN, "output/checkpoint")
     for pattern, reason in NOT_RUN:
         if pattern.search(text):
             return reason
@@ -136,8 +139,13 @@ def skip_reason(command: Command) -> str | None:
     return None
 
 
-def _runnable(command: Command) -> str:
-    text = command.text
+def _runnable(command: Command, scratch: Path) -> str:
+    text = OPTIONAL.sub("", command.text)
+    if QUICK_START_RUN in text:
+        if not (scratch / "output" / "checkpoint").is_dir():
+            pytest.skip("needs the quick start's run (the README test runs in README order)")
+        (run,) = (scratch / "output" / "checkpoint").iterdir()
+        text = text.replace(QUICK_START_RUN, str(run.relative_to(scratch)))
     for dropped in DROPPED:
         text = text.replace(dropped, "")
     return text
@@ -214,7 +222,7 @@ def test_readme_command(command: Command, scratch: Path):
     reason = skip_reason(command)
     if reason:
         pytest.skip(reason)
-    result = run_in(scratch, _runnable(command))
+    result = run_in(scratch, _runnable(command, scratch))
     output = result.stdout + result.stderr
     if (result.returncode and "DRY_RUN=1" in command.text
             and re.search(r"needs a GPU|ENV=dlc reads", output)):
@@ -223,5 +231,10 @@ def test_readme_command(command: Command, scratch: Path):
     _check_shown(command, output)
     if MAIN_JOB in command.text:
         _check_main_job(scratch, result.stdout)
-        again = run_in(scratch, _runnable(command))
+        again = run_in(scratch, _runnable(command, scratch))
         assert again.returncode == 0 and "training is complete" in again.stdout, again.stdout
+    if "convert mcore-to-hf" in command.text:  # "HF safetensors + config + tokenizer"
+        words = _words(_runnable(command, scratch))
+        out = scratch / words[words.index("--out") + 1]
+        assert (out / "config.json").is_file() and any(out.glob("*.safetensors"))
+        assert (out / "tokenizer.json").is_file(), sorted(p.name for p in out.iterdir())
