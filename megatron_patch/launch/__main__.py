@@ -74,18 +74,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    dry_run = os.environ.get("DRY_RUN", "0") not in ("0", "")
+    if launch.problems and not dry_run:
+        for problem in launch.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     for note in launch.notes:
         print(f"note: {note}")
-    if os.environ.get("DRY_RUN", "0") not in ("0", ""):
+    if dry_run:
         for problem in launch.problems:
             print(f"note: {problem} (not found on this machine)")
         for command in [*launch.prepare, launch.train]:
             print(_show(command, launch.env))
         return 0
-    if launch.problems:
-        for problem in launch.problems:
-            print(f"error: {problem}", file=sys.stderr)
-        return 2
     done = finished_iteration(launch.save_dir, launch.train_iters)
     if done is not None:
         print(f"training is complete: {launch.save_dir} holds iteration {done} of "
