@@ -159,8 +159,7 @@ def scratch(tmp_path_factory) -> Path:
     for entry in REPO.iterdir():
         if entry.name not in (".git", ".venv", "output"):
             (root / entry.name).symlink_to(entry)
-    (root / ".venv").symlink_to(Path(sys.executable).resolve().parents[1]
-                                if not (REPO / ".venv").exists() else REPO / ".venv")
+    (root / ".venv").symlink_to(Path(sys.prefix))
     return root
 
 
