@@ -4,8 +4,11 @@
 ``examples/<family>/run_{pretrain,finetune}_mcore_<family>.sh``) or ``mcore`` (the 25/27 positions
 of Pai's ``run_mcore_*.sh``; ``MODE=pretrain|sft``, the SFT position or ``--mode`` choose the
 entry point; used by ``examples/<family>/run_mcore_<family>.sh``). ``DRY_RUN=1`` prints the
-commands instead of running them. The training output is shown and also written to
-``OUTPUT_BASEPATH/log/``.
+commands instead of running them. Missing inputs stop the launch before torchrun starts
+(:mod:`megatron_patch.launch.preflight`), and a run that already reached its last iteration
+says so. The terminal shows Megatron's iteration, validation and checkpoint lines
+(:mod:`megatron_patch.launch.console`); the whole output goes to the run's log file
+(``OUTPUT_BASEPATH/log/``, or ``log/`` of a ``--save`` directory).
 """
 
 from __future__ import annotations
