@@ -11,7 +11,8 @@
 #   SFT        true: fine-tuning (the last two counts are then iterations), false: pretraining
 #   OPTIMIZER_OFFLOAD  false | true | a fraction of the optimizer states kept on the CPU
 #   VALID_DATASET_PATH none (split DATASET_PATH 98/2/0) or a separate validation set
-#   MODEL_SIZE a size of the family (see its script) or an HF model directory (its config.json)
+#   MODEL_SIZE a size of the family (see its script) or an HF model directory (its config.json);
+#              without it, a --load checkpoint (converted or trained) gives model and tokenizer
 #   Other positions: see run_pretrain_mcore_llama.sh.
 #
 # The same with named flags (they may also follow positions, and win over them):

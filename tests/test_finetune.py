@@ -53,7 +53,8 @@ def test_checkpoint_loads_with_finetune_flags(demo_run, tmp_path):
     out, stdout = demo_run
     (checkpoint,) = (out / "checkpoint").iterdir()
     resumed = _launch(tmp_path, 2, 0, str(checkpoint), ["--log-interval", "1"])
-    assert re.search(r" finetune \.+ True", resumed)
+    (log,) = (tmp_path / "log").glob("*.log")  # the argument dump goes to the log file only
+    assert re.search(r" finetune \.+ True", log.read_text())
     assert f"successfully loaded checkpoint from {checkpoint}" in resumed
     first = losses(resumed)
     assert sorted(first) == [1, 2]  # iteration counting restarts

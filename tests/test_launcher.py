@@ -8,6 +8,7 @@ import pytest
 from megatron_patch.launch.command import SHIPPED_CHAT, compose, validate
 from megatron_patch.launch.settings import POSITIONAL, LaunchError, RunSettings, parse_positional
 from megatron_patch.runtime.backends import Backends
+from tests.launch import REPO
 
 CPU = Backends(cuda=False, transformer_engine=False, apex=False, flash_attn=False)
 GPU = Backends(cuda=True, transformer_engine=False, apex=False, flash_attn=False)
@@ -461,3 +462,120 @@ def test_every_family_has_a_run_mcore_launcher(tmp_path):
     assert "-m megatron_patch.training.finetune --model-family qwen3" in command
     assert "--qk-layernorm" in command and "--global-batch-size 32" in command
     assert command.endswith("--log-interval 1")
+
+
+def test_launcher_headers_list_every_size_of_the_table():
+    """Each family launcher's header names every MODEL_SIZE of launch/model_sizes.py."""
+    import re
+
+    from megatron_patch.launch.model_sizes import family_sizes
+    from megatron_patch.models.registry import registered_families
+
+    scripts = {family: [REPO / "examples" / family / f"run_mcore_{family}.sh"]
+               for family in registered_families()}
+    scripts["llama"].append(REPO / "examples" / "llama" / "run_pretrain_mcore_llama.sh")
+    missing = {}
+    for family, paths in scripts.items():
+        for path in paths:
+            if not path.is_file():
+                continue
+            header = " ".join(line for line in path.read_text().splitlines()
+                              if line.startswith("#"))
+            words = set(re.findall(r"[\w.\-]+", header))
+            absent = [m.size for m in family_sizes(family) if m.size not in words]
+            if absent:
+                missing[path.name] = absent
+    assert not missing, missing
+
+
+# ------------------------------------------------ the model of a --load checkpoint, preflight
+
+
+@pytest.fixture(scope="module")
+def converted_qwen2(tmp_path_factory):
+    """A tiny random Qwen2 with the shipped tokenizer, converted to Megatron."""
+    import shutil
+
+    import transformers
+
+    from megatron_patch.conversion import convert_hf_to_mcore
+    from megatron_patch.conversion.tiny import save_random_model
+    from megatron_patch.tokenizer.hf import TINY_TOKENIZER_DIR
+
+    root = tmp_path_factory.mktemp("qwen2")
+    config = transformers.Qwen2Config(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        intermediate_size=128, vocab_size=2048, max_position_embeddings=256,
+        tie_word_embeddings=True, use_sliding_window=False)
+    save_random_model(config, root / "hf")
+    for file in TINY_TOKENIZER_DIR.iterdir():
+        shutil.copy(file, root / "hf")
+    return convert_hf_to_mcore(root / "hf", root / "mcore", progress=False)
+
+
+def test_load_of_a_converted_checkpoint_gives_model_and_tokenizer(converted_qwen2, monkeypatch):
+    monkeypatch.delenv("TOKENIZER_PATH", raising=False)
+    launch = compose("qwen2", "pretrain", RunSettings(
+        pretrain_checkpoint_path=str(converted_qwen2), iterations=20), [], CPU)
+    flags = launch.train
+    assert _value(flags, "--num-layers") == "2" and _value(flags, "--hidden-size") == "64"
+    assert _value(flags, "--patch-tokenizer-type") == "HFTokenizer"
+    assert _value(flags, "--patch-tokenizer-path") == str(converted_qwen2.resolve())
+    assert _value(flags, "--make-vocab-size-divisible-by") == "128"
+    assert _value(flags, "--lr-warmup-iters") == "2"  # the default warm-up fits 20 iterations
+    assert any("warm-up: 2 iterations" in note for note in launch.notes)
+    with pytest.raises(LaunchError, match=r"MODEL_SIZE=tiny is not the model in --load .*"
+                                          r"num_layers=4 \(checkpoint: 2\)"):
+        compose("qwen2", "pretrain", RunSettings(
+            model_size="tiny", pretrain_checkpoint_path=str(converted_qwen2)), [], CPU)
+    with pytest.raises(LaunchError, match="holds a qwen2 model; train it with "
+                                          "examples/qwen2/run_mcore_qwen2.sh"):
+        compose("llama", "pretrain", RunSettings(
+            pretrain_checkpoint_path=str(converted_qwen2)), [], CPU)
+
+
+def test_missing_inputs_are_named_before_launch(tmp_path):
+    from megatron_patch.launch.__main__ import main
+
+    launch = compose("llama", "pretrain", RunSettings(
+        dataset_path=f"0.5 {tmp_path}/a_text_document 0.5 {tmp_path}/b", save_path=str(
+            tmp_path / "run")), [], CPU)
+    assert [p.split(":")[0] for p in launch.problems] == [
+        f"--data-path {tmp_path}/a_text_document", f"--data-path {tmp_path}/b"]
+    assert "megatron-patch preprocess" in launch.problems[0]
+    assert launch.train[launch.train.index("--tensorboard-dir") + 1] == str(
+        tmp_path / "run" / "tensorboard")
+    status = main(["llama", "mcore", "--data-path", str(tmp_path / "x"), "--load",
+                   str(tmp_path / "nockpt"), "--model-size", "tiny"])
+    assert status == 2
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "latest_checkpointed_iteration.txt").write_text("200")
+    assert main(["llama", "mcore", "--save", str(tmp_path / "run")]) == 0
+
+
+def test_terminal_shows_informative_lines_only():
+    from megatron_patch.launch.console import ConsoleFilter
+
+    lines = ["------------------------ arguments ------------------------",
+             "  lr .............. 0.001",
+             "-------------------- end of arguments ---------------------",
+             "INFO:megatron.core.optimizer:Setting up optimizer",
+             "/x/site-packages/megatron/core/a.py:1: UserWarning: experimental",
+             "  warnings.warn(",
+             " [2026] iteration       10/     200 | lm loss: 7.3E+00 |",
+             " validation loss at iteration 10 | lm loss value: 6.5E+00 |",
+             "Traceback (most recent call last):"]
+    console = ConsoleFilter()
+    assert [line for line in lines if console.shows(line)] == lines[-3:]
+
+
+def test_finetune_load_messages_are_reworded():
+    """--finetune loads (start from a checkpoint, generate, verify) say what Megatron does."""
+    from megatron_patch.training.checkpoint import _finetune_load_message
+
+    assert _finetune_load_message("could not find arguments in the checkpoint ...") is None
+    assert _finetune_load_message(
+        "  successfully loaded checkpoint from ck [ t 1/1, p 1/1 ] at iteration 0") == (
+        "  successfully loaded checkpoint from ck [ t 1/1, p 1/1 ] (its weights only; the "
+        "iteration count starts again at 0)")
+    assert _finetune_load_message(" checkpoint version 3.0") == " checkpoint version 3.0"

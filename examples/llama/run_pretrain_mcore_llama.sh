@@ -9,7 +9,8 @@
 #       TRAIN_TOKENS WARMUP_TOKENS OUTPUT_BASEPATH [--any-megatron-flag ...]
 #
 #   ENV        dsw (this node) | dlc (multi-node: WORLD_SIZE nodes, RANK, MASTER_ADDR, MASTER_PORT)
-#   MODEL_SIZE tiny | 1B 3B (Llama-3.2) | 8B 70B (Llama-3.1) | 7B 13B (Llama-2)
+#   MODEL_SIZE tiny | 1B 3B (Llama-3.2) | 8B 70B 405B (Llama-3.1) | llama3-8B llama3-70B (Llama-3)
+#              | 7B 13B llama2-70B (Llama-2) | an HF model directory
 #   PR         auto | fp32 | bf16 | fp16 | fp8      AC  none | sel | full
 #   SP DO FL   true | false                          DATASET_PATH  prefix or "w1 p1 w2 p2"; shipped
 #   PRETRAIN_CHECKPOINT_PATH  a converted checkpoint (also gives the tokenizer) | none

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from megatron_patch.conversion.hf_io import DTYPES
 
@@ -64,6 +65,12 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``megatron-patch convert ...``; returns the exit status."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    source = ("--hf-dir", args.hf_dir) if args.direction == "hf-to-mcore" else \
+        ("--mcore-dir", args.mcore_dir)
+    if not Path(source[1]).is_dir():
+        print(f"megatron-patch convert: error: {source[0]} {source[1]}: no such directory",
+              file=sys.stderr)
+        return 1
     from megatron_patch.conversion import convert_hf_to_mcore, convert_mcore_to_hf
 
     try:

@@ -23,7 +23,7 @@ from megatron_patch.conversion.layout import (
     single_process_group,
 )
 from megatron_patch.conversion.legacy import save_legacy
-from megatron_patch.conversion.metadata import write_checkpoint_metadata
+from megatron_patch.conversion.metadata import TRACKER_FILE, write_checkpoint_metadata
 from megatron_patch.conversion.torch_dist import save_torch_dist
 from megatron_patch.models.builder import transformer_config_from_args
 from megatron_patch.models.common.head_split import model_kv_split_problem
@@ -36,7 +36,6 @@ from megatron_patch.models.registry import (
 )
 from megatron_patch.models.vocab import needed_vocab_rows, padded_vocab_size
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 FORMATS = ("torch_dist", "legacy")
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from megatron.core import dist_checkpointing
 from tqdm import tqdm
 
+from megatron_patch.conversion.checkpoint_defaults import has_tokenizer
 from megatron_patch.conversion.engine import ConversionError
 from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import (
@@ -28,6 +29,7 @@ from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.conversion.torch_dist import TorchDistCheckpoint
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, get_family
+from megatron_patch.tokenizer.hf import TINY_TOKENIZER_DIR
 
 
 def checkpoint_directory(mcore_dir: Path) -> Path:
@@ -116,5 +118,22 @@ def convert_mcore_to_hf(
             config["torch_dtype"] = config["dtype"]
         (scratch / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         copy_model_files(files_from, scratch)
+        if not has_tokenizer(scratch):
+            _copy_training_tokenizer(checkpoint.args, scratch, out)
     return Path(out)
+
+
+def _copy_training_tokenizer(args, scratch: Path, out: str | Path) -> None:
+    """Copy the HF tokenizer the checkpoint was trained with; say so where there is none."""
+    kind = getattr(args, "patch_tokenizer_type", None)
+    path = getattr(args, "patch_tokenizer_path", None)
+    source = TINY_TOKENIZER_DIR if kind == "TinyTokenizer" else path
+    if kind in ("HFTokenizer", "TinyTokenizer") and source and Path(source).is_dir():
+        copy_model_files(source, scratch)
+        if has_tokenizer(scratch):
+            return
+    used = " ".join(str(part) for part in (kind, path) if part) or "no recorded tokenizer"
+    print(f"note: no tokenizer written to {out} (the checkpoint was trained with {used}); copy "
+          "the tokenizer files into it, or convert again with --hf-template DIR of the original "
+          "model")
 

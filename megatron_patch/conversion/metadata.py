@@ -9,6 +9,7 @@ from typing import Any
 from megatron_patch.conversion.files import atomic_write_text
 
 METADATA_FILE = "megatron_patch.json"
+TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's: names the latest checkpoint
 
 
 def checkpoint_metadata(checkpoint_dir: str | Path) -> dict[str, Any] | None:

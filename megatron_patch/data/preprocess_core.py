@@ -106,10 +106,13 @@ def encode_to_datasets(source: str | Path, records: Iterable[Record], encoder: R
     bad.finish()
 
 
-def add_common_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Input, output, tokenizer, workers and error-policy flags (Megatron-LM's names)."""
+def add_common_arguments(parser: argparse.ArgumentParser,
+                         suffixes: tuple[str, ...]) -> argparse.ArgumentParser:
+    """Input, output, tokenizer, workers and error-policy flags (Megatron-LM's names);
+    ``suffixes`` are the input file kinds."""
+    kinds = "/".join(suffix.lstrip(".") for suffix in suffixes)
     parser.add_argument("--input", required=True,
-                        help="JSONL/JSON/parquet file, or a directory of such files")
+                        help=f"a {kinds} file, or a directory of such files")
     parser.add_argument("--output-prefix", required=True, help="output path without suffix")
     parser.add_argument("--tokenizer-type", required=True, choices=list(TOKENIZERS))
     parser.add_argument("--tokenizer-model", "--tokenizer-path", dest="tokenizer_path",

@@ -21,7 +21,7 @@ from megatron.core.datasets.indexed_dataset import DType
 from megatron_patch.data.bad_records import DataError
 from megatron_patch.data.encoder import Encoder
 from megatron_patch.data.preprocess_core import Output, add_common_arguments, encode_to_datasets
-from megatron_patch.data.readers import input_files, read_records
+from megatron_patch.data.readers import INPUT_SUFFIXES, input_files, read_records
 from megatron_patch.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     """Megatron-LM ``tools/preprocess_data.py`` flags (the ones that apply here)."""
     parser = argparse.ArgumentParser(prog="megatron-patch preprocess",
                                      description=__doc__.splitlines()[0].split(": ", 1)[1])
-    add_common_arguments(parser)
+    add_common_arguments(parser, INPUT_SUFFIXES)
     parser.add_argument("--json-keys", nargs="+", default=["text"],
                         help="JSON keys to tokenize, one dataset each "
                              "(outputs {prefix}_{key}_document.*)")

@@ -25,7 +25,7 @@ from megatron_patch.data.preprocess_core import Output, add_common_arguments, en
 from megatron_patch.data.readers import input_files, read_records
 from megatron_patch.data.sft_encoder import SFTEncoder
 from megatron_patch.data.sft_format import SFT_KEYS
-from megatron_patch.data.sft_sources import pretokenized_prefixes
+from megatron_patch.data.sft_sources import RAW_SUFFIXES, pretokenized_prefixes
 from megatron_patch.tokenizer import Tokenizer, build_tokenizer
 
 
@@ -47,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``megatron-patch preprocess-sft``; returns the exit status."""
     parser = argparse.ArgumentParser(prog="megatron-patch preprocess-sft",
                                      description=__doc__.splitlines()[0].split(": ", 1)[1])
-    args = add_common_arguments(parser).parse_args(argv)
+    args = add_common_arguments(parser, RAW_SUFFIXES).parse_args(argv)
     try:
         tokenizer = build_tokenizer(args.tokenizer_type, args.tokenizer_path)
         preprocess_sft(args.input, args.output_prefix, tokenizer, workers=args.workers,

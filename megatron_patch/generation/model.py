@@ -11,7 +11,6 @@ Megatron's ``load_checkpoint`` at any TP/PP.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import sys
@@ -22,12 +21,16 @@ from typing import Any
 
 import torch
 
+from megatron_patch.conversion.checkpoint_defaults import (
+    has_tokenizer,
+    saved_args,
+    saved_model_defaults,
+)
 from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.data.bad_records import DataError
 from megatron_patch.launch.torchrun import run_distributed
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def run_cli(prog: str, module: str, parser: argparse.ArgumentParser,
@@ -57,42 +60,6 @@ def is_rank0() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _saved_args(load: Path) -> argparse.Namespace | None:
-    from megatron_patch.conversion.mcore_to_hf import checkpoint_directory, open_checkpoint
-
-    return open_checkpoint(checkpoint_directory(load)).args
-
-
-def saved_model_defaults(load: str | Path) -> dict[str, Any]:
-    """Megatron argument defaults for a checkpoint written by training (no metadata file).
-
-    The architecture is the family's reading of the saved args (``megatron_to_hf`` then
-    ``hf_to_megatron``); the tokenizer and vocabulary padding are the saved ones.
-    """
-    from megatron_patch.models.registry import get_family
-
-    saved = _saved_args(Path(load))
-    if saved is None:
-        raise ValueError(f"{load}: the checkpoint holds no Megatron args and no "
-                         "megatron_patch.json; pass --hf-config-path or the model flags")
-    family = get_family(getattr(saved, "model_family", None) or "llama")
-    saved = copy.copy(saved)
-    saved.vocab_size = saved.vocab_size or saved.padded_vocab_size
-    defaults = {**family.hf_to_megatron(family.megatron_to_hf(saved)), "model_family": family.name,
-                "make_vocab_size_divisible_by": saved.make_vocab_size_divisible_by}
-    if getattr(saved, "patch_tokenizer_type", None):
-        # the tokenizer training used: its path, else its HF config or loaded checkpoint directory
-        path = (saved.patch_tokenizer_path or getattr(saved, "hf_config_path", None)
-                or saved.load)
-        defaults.update(patch_tokenizer_type=saved.patch_tokenizer_type,
-                        patch_tokenizer_path=path)
-    return defaults
-
-
-def _has_tokenizer(directory: str | Path) -> bool:
-    return any((Path(directory) / name).is_file() for name in _TOKENIZER_FILES)
-
-
 def _dtype_flags(dtype: str) -> list[str]:
     if dtype not in DTYPES:
         raise ValueError(f"dtype {dtype!r}; use one of {DTYPES}")
@@ -116,7 +83,7 @@ def parse_inference_args(load: str | Path, *, tp: int = 1, pp: int = 1, dtype: s
     if not load.is_dir():
         raise FileNotFoundError(f"--load {load}: no such checkpoint directory")
     defaults = {} if checkpoint_metadata(load) else saved_model_defaults(load)
-    if tokenizer_type is None and "patch_tokenizer_type" not in defaults and _has_tokenizer(load):
+    if tokenizer_type is None and "patch_tokenizer_type" not in defaults and has_tokenizer(load):
         tokenizer_type = "HFTokenizer"
     world = int(os.environ.get("WORLD_SIZE", "1"))
     argv = ["--load", str(load), "--tensor-model-parallel-size", str(tp),
@@ -211,7 +178,7 @@ def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceM
     set_padded_vocab(args, tokenizer)
     metadata = checkpoint_metadata(args.load) or {}
     if not metadata:
-        saved = _saved_args(Path(args.load)).padded_vocab_size
+        saved = saved_args(args.load).padded_vocab_size
         if saved % args.tensor_model_parallel_size:
             raise ValueError(f"{args.load}: its {saved} embedding rows do not split over "
                              f"--tp {args.tensor_model_parallel_size}")

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
+from tqdm import tqdm
 
 from megatron_patch.data.bad_records import BadRecords, DataError
 
@@ -89,8 +90,11 @@ def negative_log_likelihood(model: torch.nn.Module, token_windows: Sequence[Sequ
                 _identity)
 
     model.eval()
+    rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+    progress = tqdm(total=len(token_windows), desc="eval-ppl", unit="window", disable=not rank0)
     for start in range(0, len(token_windows), batch_size):
         batch = token_windows[start:start + batch_size]
+        progress.update(len(batch))
         length = max(len(w) for w in batch) - 1
         rows = [list(w) + [0] * (length + 1 - len(w)) for w in batch]
         data = torch.tensor(rows, dtype=torch.long, device=device)
@@ -104,6 +108,7 @@ def negative_log_likelihood(model: torch.nn.Module, token_windows: Sequence[Sequ
         if last:
             nll = outputs[0].t()  # [batch, seq]
             total += torch.stack([nll[counted].double().sum(), counted.sum().double()])
+    progress.close()
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())

@@ -4,8 +4,11 @@
 ``examples/<family>/run_{pretrain,finetune}_mcore_<family>.sh``) or ``mcore`` (the 25/27 positions
 of Pai's ``run_mcore_*.sh``; ``MODE=pretrain|sft``, the SFT position or ``--mode`` choose the
 entry point; used by ``examples/<family>/run_mcore_<family>.sh``). ``DRY_RUN=1`` prints the
-commands instead of running them. The training output is shown and also written to
-``OUTPUT_BASEPATH/log/``.
+commands instead of running them. Missing inputs stop the launch before torchrun starts
+(:mod:`megatron_patch.launch.preflight`), and a run that already reached its last iteration
+says so. The terminal shows Megatron's iteration, validation and checkpoint lines
+(:mod:`megatron_patch.launch.console`); the whole output goes to the run's log file
+(``OUTPUT_BASEPATH/log/``, or ``log/`` of a ``--save`` directory).
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import sys
 from collections.abc import Sequence
 
 from megatron_patch.launch.command import Launch, compose
+from megatron_patch.launch.console import ConsoleFilter, backends_line
 from megatron_patch.launch.model_sizes import family_sizes
+from megatron_patch.launch.preflight import finished_iteration
 from megatron_patch.launch.settings import LaunchError, parse_launch
 from megatron_patch.runtime.backends import available_backends
 
@@ -45,16 +50,23 @@ def _show(command: list[str], env: dict[str, str]) -> str:
 
 
 def _run_logged(launch: Launch) -> int:
-    """Run the training command, streaming its output to the terminal and the log file."""
+    """Run the training command: every line to the log file, the informative ones
+    (:class:`ConsoleFilter`) also to the terminal."""
     launch.log_file.parent.mkdir(parents=True, exist_ok=True)
+    console = ConsoleFilter()
     with open(launch.log_file, "a") as log, subprocess.Popen(
         launch.train, env={**os.environ, **launch.env}, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, bufsize=1,
     ) as process:
         for line in process.stdout:
-            sys.stdout.write(line)
+            if console.shows(line):
+                sys.stdout.write(line)
             log.write(line)
-        return process.wait()
+        status = process.wait()
+    if status:
+        print(f"training failed (exit status {status}); the full output is in {launch.log_file}",
+              file=sys.stderr)
+    return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -75,15 +87,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (LaunchError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    if launch.problems and not dry_run:
+        for problem in launch.problems:
+            print(f"error: {problem}", file=sys.stderr)
+        return 2
     for note in launch.notes:
         print(f"note: {note}")
     if dry_run:
+        for problem in launch.problems:
+            print(f"note: {problem} (not found on this machine)")
         for command in [*launch.prepare, launch.train]:
             print(_show(command, launch.env))
         return 0
+    done = finished_iteration(launch.save_dir, launch.train_iters)
+    if done is not None:
+        print(f"training is complete: {launch.save_dir} holds iteration {done} of "
+              f"{launch.train_iters}. To train further, raise --train-iters (or TRAIN_TOKENS); "
+              "to start a new run, use another --save (or OUTPUT_BASEPATH)")
+        return 0
     for command in launch.prepare:
         subprocess.run(command, env={**os.environ, **launch.env}, check=True)
-    print(f"run {launch.name}\n  log: {launch.log_file}", flush=True)
+    print(f"run {launch.name}\n  log: {launch.log_file}\n  {backends_line(available_backends())}",
+          flush=True)
     return _run_logged(launch)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib.util
 import math
 import os
@@ -10,8 +11,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from megatron_patch.launch.flags import megatron_flags
-from megatron_patch.launch.model_sizes import model_size_config
+from megatron_patch.launch.preflight import input_problems
+from megatron_patch.launch.run_model import RunModel, run_model
 from megatron_patch.launch.settings import (
     MODES,
     NO_CHECKPOINT,
@@ -21,8 +22,6 @@ from megatron_patch.launch.settings import (
     RunSettings,
 )
 from megatron_patch.models.common.head_split import model_kv_split_problem
-from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.models.registry import HFConfig, family_for_hf_config, get_family
 from megatron_patch.runtime.backends import Backends, flash_attention_backend
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -41,6 +40,9 @@ class Launch:
     prepare: list[list[str]] = field(default_factory=list)
     log_file: Path | None = None
     notes: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)  # missing inputs (launch/preflight.py)
+    save_dir: Path | None = None
+    train_iters: int = 0
 
 
 GPU_PRECISIONS = ("bf16", "fp16", "fp8")
@@ -118,7 +120,11 @@ def validate(settings: RunSettings, model: dict, world: int, backends: Backends,
     kv_problem = model_kv_split_problem(model, s.tp)
     data_parallel = max(1, world // model_parallel)
     microbatches = s.global_batch_size // (s.batch_size * data_parallel)
+    positions = model.get("max_position_embeddings") or s.seq_len
     checks = [
+        (None, s.seq_len <= positions,
+         f"SEQ_LEN={s.seq_len} exceeds the model's {positions} positions "
+         "(max_position_embeddings); use --seq-len (SEQ_LEN/PAD_LEN) of at most that"),
         (WORLD, world % model_parallel == 0,
          f"{world} processes are not divisible by TP*PP*CP={s.tp}*{s.pp}*{s.cp}"),
         (None, heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
@@ -191,12 +197,16 @@ def _run_name(family: str, mode: str, s: RunSettings, pr: str) -> str:
             f"{s.warmup_iters}")
 
 
-def _tokenizer(settings: RunSettings, dry_run: bool) -> tuple[str, str | None]:
-    """Tokenizer type and path: the shipped one for ``tiny``, else the model's own (a dry run
-    without one shows ``${TOKENIZER_PATH}``)."""
+def _tokenizer(settings: RunSettings, source: RunModel, dry_run: bool) -> tuple[str, str | None]:
+    """Tokenizer type and path: TOKENIZER_PATH, the checkpoint's, the shipped one for ``tiny``,
+    else the converted checkpoint's files (a dry run without one shows ``${TOKENIZER_PATH}``)."""
+    if os.environ.get("TOKENIZER_PATH"):
+        return "HFTokenizer", os.environ["TOKENIZER_PATH"]
+    if source.tokenizer:
+        return source.tokenizer
     if settings.model_size == "tiny":
         return "TinyTokenizer", None
-    path = os.environ.get("TOKENIZER_PATH", settings.pretrain_checkpoint_path)
+    path = settings.pretrain_checkpoint_path
     if path == NO_CHECKPOINT and dry_run:
         return "HFTokenizer", TOKENIZER_PLACEHOLDER
     if path == NO_CHECKPOINT:
@@ -229,7 +239,8 @@ def _data(mode: str, settings: RunSettings, out: Path, kind: str, path: str | No
         return [], [*_sources(paths, settings), *(["--sft-packing"] if packing else [])]
     if settings.dataset_path != SHIPPED_DATA:
         return [], _sources(settings.dataset_path.split(), settings)
-    prefix = out / "data" / "tiny_corpus"
+    prefix = out / "data" / ("tiny_corpus" if path is None else  # one per tokenizer
+                             f"tiny_corpus_{hashlib.sha1(path.encode()).hexdigest()[:8]}")
     document = f"{prefix}_text_document"
     prepare = []
     if not Path(document + ".bin").is_file():
@@ -260,11 +271,8 @@ def parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
 
 
 def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
-    """Resume from this run's own checkpoints if any, else start from the given checkpoint.
-
-    ``save`` is ``--save`` (SAVE_PATH) when given, else the run's own directory.
-    """
-    save = Path(settings.save_path) if settings.save_path else save
+    """Resume from this run's own checkpoints in ``save`` if any, else start from the given
+    checkpoint."""
     flags = ["--save", str(save), "--save-interval", str(settings.save_interval)]
     if (save / "latest_checkpointed_iteration.txt").is_file():
         return flags + ["--load", str(save)]
@@ -272,28 +280,6 @@ def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
         return flags + ["--load", settings.pretrain_checkpoint_path, "--finetune",
                         "--no-load-optim", "--no-load-rng"]
     return flags
-
-
-def _hf_config(family: str, model_size: str) -> HFConfig:
-    """A size of the family's table, or the config.json of an HF model directory."""
-    if not Path(model_size).is_dir():
-        return model_size_config(family, model_size)
-    config = load_hf_config(model_size)
-    found = family_for_hf_config(config).name
-    if found != family:
-        raise LaunchError(f"MODEL_SIZE={model_size} is a {found} model, not {family}")
-    return config
-
-
-def _architecture_flags(model_size: str, model: dict) -> list[str]:
-    """The model's Megatron flags; an HF directory is passed whole (``--hf-config-path``)."""
-    if Path(model_size).is_dir():
-        return ["--hf-config-path", str(Path(model_size).resolve())]
-    try:
-        return megatron_flags(model)
-    except ValueError as exc:
-        raise LaunchError(f"MODEL_SIZE={model_size}: {exc}; give MODEL_SIZE as the model's HF "
-                          "directory instead") from None
 
 
 def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
@@ -320,7 +306,8 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
             raise LaunchError(f"PAD_LEN={settings.pad_len} must not exceed "
                               f"SEQ_LEN={settings.seq_len}")
         settings = dataclasses.replace(settings, seq_len=settings.pad_len)
-    model = get_family(family).hf_to_megatron(_hf_config(family, settings.model_size))
+    source = run_model(family, settings)
+    settings, model = dataclasses.replace(settings, model_size=source.size), source.model
     topology = _topology(settings, backends, dry_run, elsewhere)
     notes += topology.assumed
     if settings.offload_fraction and not settings.do:
@@ -328,10 +315,18 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         settings = dataclasses.replace(settings, do=True)
     as_notes = (WORLD,) * bool(topology.assumed) + (HARDWARE,) * elsewhere
     notes += validate(settings, model, topology.world, backends, as_notes)
+    if settings.warmup_shortened:
+        notes.append(f"warm-up: {settings.warmup_iters} iterations, a tenth of the "
+                     f"{settings.train_iters} training iterations (--warmup-iters sets it)")
 
     name = _run_name(family, mode, settings, pr)
     out = Path(settings.output_basepath).resolve()
-    kind, tokenizer_path = _tokenizer(settings, dry_run)
+    # A --save directory elsewhere also holds the run's TensorBoard and log files.
+    save = Path(settings.save_path).resolve() if settings.save_path else None
+    run_files = {"save": save or out / "checkpoint" / name,
+                 "tensorboard": save / "tensorboard" if save else out / "tensorboard" / name,
+                 "log": save / "log" / f"{name}.log" if save else out / "log" / f"{name}.log"}
+    kind, tokenizer_path = _tokenizer(settings, source, dry_run)
     if tokenizer_path == TOKENIZER_PLACEHOLDER:
         notes.append(f"no tokenizer given (TOKENIZER_PATH or PRETRAIN_CHECKPOINT_PATH): shown "
                      f"as {TOKENIZER_PLACEHOLDER}")
@@ -344,7 +339,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         attention = ["--attention-backend", backend] if backend else []
         notes.append(f"FL=true: {runs_on}")
     train = [
-        "--model-family", family, *_architecture_flags(settings.model_size, model),
+        "--model-family", family, *source.flags,
         *parallel_flags(settings, model.get("num_experts")),
         "--micro-batch-size", str(settings.batch_size),
         "--global-batch-size", str(settings.global_batch_size),
@@ -356,9 +351,9 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         "--clip-grad", "1.0", "--seed", "1234",
         *precision_flags(pr), *recompute_flags(settings.ac), *attention,
         *data, *tokenizer,
-        *_checkpoint_flags(settings, out / "checkpoint" / name),
+        *_checkpoint_flags(settings, run_files["save"]),
         "--log-interval", "10", "--eval-interval", str(max(1, settings.save_interval)),
-        "--eval-iters", "5", "--tensorboard-dir", str(out / "tensorboard" / name),
+        "--eval-iters", "5", "--tensorboard-dir", str(run_files["tensorboard"]),
         *extra,
     ]
     torchrun = [sys.executable, "-m", "torch.distributed.run",
@@ -371,4 +366,6 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1)
                                          // int(topology.layout["nproc-per-node"])))
     return Launch(name=name, train=torchrun + train, env=env, prepare=prepare,
-                  log_file=out / "log" / f"{name}.log", notes=notes)
+                  log_file=run_files["log"], notes=notes,
+                  problems=input_problems(mode, settings, tokenizer_path),
+                  save_dir=run_files["save"], train_iters=settings.train_iters)

@@ -24,6 +24,7 @@ class LaunchError(ValueError):
 
 
 SHIPPED_DATA = "shipped"
+DEFAULT_WARMUP_ITERS = 20  # the default warm-up, shortened to a tenth of shorter runs
 NO_CHECKPOINT = "none"
 NO_PATH = "none"
 
@@ -33,7 +34,7 @@ class RunSettings:
     """One launch, field names as in Pai-Megatron-Patch's scripts (lower-cased)."""
 
     env: str = "dsw"
-    model_size: str = "tiny"
+    model_size: str | None = None  # None: the --load checkpoint's model, else tiny
     batch_size: int = 8
     global_batch_size: int = 16
     lr: float = 1e-3
@@ -52,7 +53,7 @@ class RunSettings:
     dataset_path: str = SHIPPED_DATA
     pretrain_checkpoint_path: str = NO_CHECKPOINT
     train_tokens: int = 200 * 16 * 128
-    warmup_tokens: int = 20 * 16 * 128
+    warmup_tokens: int | None = None  # None: DEFAULT_WARMUP_ITERS, at most a tenth of training
     output_basepath: str = "output"
     # Beyond the 22 original positions: run_mcore positions and named flags.
     vpp: int = 1  # virtual pipeline stages (model chunks) per pipeline rank
@@ -79,10 +80,21 @@ class RunSettings:
 
     @property
     def warmup_iters(self) -> int:
-        """Warm-up steps: explicit, or covering ``warmup_tokens``."""
+        """Warm-up steps: explicit, covering ``warmup_tokens``, or the default.
+
+        The default is :data:`DEFAULT_WARMUP_ITERS`, at most a tenth of the training iterations.
+        """
         if self.warmup_iterations is not None:
             return self.warmup_iterations
-        return self.warmup_tokens // self.tokens_per_iteration
+        if self.warmup_tokens is not None:
+            return self.warmup_tokens // self.tokens_per_iteration
+        return min(DEFAULT_WARMUP_ITERS, self.train_iters // 10)
+
+    @property
+    def warmup_shortened(self) -> bool:
+        """Whether the default warm-up was shortened to fit a short run."""
+        return (self.warmup_iterations is None and self.warmup_tokens is None
+                and self.warmup_iters < DEFAULT_WARMUP_ITERS)
 
     @property
     def expert_tp(self) -> int:
@@ -113,7 +125,7 @@ MCORE_MOE_POSITIONAL = (*_BASE, "ETP", "EP", "SP", "DO", "FL", "SFT", "AC", "OPT
                         *_TAIL)
 LAYOUTS = {"pai": POSITIONAL, "mcore": MCORE_POSITIONAL, "mcore-moe": MCORE_MOE_POSITIONAL}
 # Demo defaults that differ by mode: the fine-tuning demo converges in 100 iterations.
-MODE_DEFAULTS = {"finetune": {"train_tokens": 100 * 16 * 128, "warmup_tokens": 10 * 16 * 128}}
+MODE_DEFAULTS = {"finetune": {"train_tokens": 100 * 16 * 128}}
 MODES = {"pretrain": "pretrain", "finetune": "finetune", "sft": "finetune"}
 _CHOICES = {"env": ("dsw", "dlc"), "pr": ("auto", "fp32", "fp16", "bf16", "fp8"),
             "ac": ("none", "false", "sel", "full")}

@@ -8,8 +8,8 @@ from typing import Any
 from megatron_patch.tokenizer.base import Tokenizer
 
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny_tokenizer"
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
-_EXPECTED = ", ".join(_TOKENIZER_FILES)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+_EXPECTED = ", ".join(TOKENIZER_FILES)
 
 
 class HFTokenizer(Tokenizer):
@@ -41,7 +41,7 @@ class HFTokenizer(Tokenizer):
         if not directory.is_dir():
             raise FileNotFoundError(f"{kind}: {directory} is not a directory; expected a local "
                                     f"Hugging Face tokenizer directory ({_EXPECTED})")
-        if not any((directory / name).is_file() for name in _TOKENIZER_FILES):
+        if not any((directory / name).is_file() for name in TOKENIZER_FILES):
             raise FileNotFoundError(f"{kind}: {directory} holds none of the tokenizer files "
                                     f"{_EXPECTED}")
         return directory

@@ -29,20 +29,20 @@ import contextlib
 import json
 import logging
 import shutil
+import warnings
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from megatron.core.dist_checkpointing.mapping import ShardedObject
-from megatron.training.checkpointing import load_checkpoint, save_checkpoint
+from megatron.training.checkpointing import save_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException as DCPFailure
 
 from megatron_patch.conversion.files import atomic_write_text, fsync_path, fsync_tree
-from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.conversion.metadata import TRACKER_FILE, checkpoint_metadata
 from megatron_patch.models.common.spec import TE_COMPATIBLE_KEYS
 
-TRACKER_FILE = "latest_checkpointed_iteration.txt"
 EXTRA_STATE = "_extra_state"
 STAGING_DIR = ".saving"
 # Megatron arguments that fix the model's parameters: a checkpoint differing in one cannot load.
@@ -426,11 +426,37 @@ def layout_independent_loading(chunks: list[torch.nn.Module], directory: Path | 
             delattr(module, name)
 
 
+# torch.distributed.checkpoint's notices on every load: meant for library authors, not users.
+_TORCH_LOAD_NOTICES = (r"torch\.distributed is disabled", r"The argument order of load",
+                       r"Please use DTensor instead")
+
+
+def _finetune_load_message(message: object) -> str | None:
+    """Megatron's load message as read under ``--finetune`` (None: not worth printing).
+
+    With ``--finetune`` Megatron deliberately ignores the saved arguments and iteration (only
+    the weights are taken), yet says it found no arguments and loaded "at iteration 0".
+    """
+    text = str(message)
+    if text.startswith("could not find arguments in the checkpoint"):
+        return None
+    if "successfully loaded checkpoint" in text and text.endswith("at iteration 0"):
+        return text.removesuffix("at iteration 0") + ("(its weights only; the iteration count "
+                                                      "starts again at 0)")
+    return text
+
+
 def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
                              load_arg: str = "load", strict: bool = True) -> tuple[int, float]:
-    """Megatron's ``load_checkpoint`` of ``args.<load_arg>`` into ``model`` whichever layer
-    implementation (Transformer Engine or torch-native) wrote it; returns (iteration, flops)."""
-    from megatron.training import get_args
+    """Megatron's ``load_checkpoint`` of ``args.<load_arg>`` into ``model``; returns (iteration,
+    flops).
+
+    Whichever layer implementation (Transformer Engine or torch-native) wrote the checkpoint,
+    without torch's notices to library authors, and with Megatron's messages reworded for
+    ``--finetune`` loads.
+    """
+    from megatron.training import checkpointing
+    from megatron.training.global_vars import get_args
 
     args = get_args()
     load_dir = getattr(args, load_arg, None)
@@ -439,5 +465,20 @@ def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
     if latest is not None:
         step = getattr(args, "ckpt_step", None)
         directory = iteration_dir(load_dir, latest if step is None else step)
-    with layout_independent_loading(model, directory):
-        return load_checkpoint(model, optimizer, scheduler, load_arg=load_arg, strict=strict)
+    original = checkpointing.print_rank_0
+
+    def reworded(message, *args, **print_kwargs):
+        text = _finetune_load_message(message)
+        if text is not None:
+            original(text, *args, **print_kwargs)
+
+    with warnings.catch_warnings(), layout_independent_loading(model, directory):
+        for notice in _TORCH_LOAD_NOTICES:
+            warnings.filterwarnings("ignore", message=notice)
+        if args.finetune:
+            checkpointing.print_rank_0 = reworded
+        try:
+            return checkpointing.load_checkpoint(model, optimizer, scheduler, load_arg=load_arg,
+                                                 strict=strict)
+        finally:
+            checkpointing.print_rank_0 = original
