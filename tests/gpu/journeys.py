@@ -52,7 +52,7 @@ print("round trip: bit-identical" if not bad else f"round trip differs: {bad[:5]
 sys.exit(1 if bad else 0)
 """
 PRETRAIN = ("bash examples/llama/run_pretrain_mcore_llama.sh dsw tiny 8 16 1e-3 1e-4 128 128 {pr} "
-            "1 1 1 false {do} {fl} {ac} {save} shipped none {tokens} 40960 {out}")
+            "1 1 1 false {do} {fl} {ac} {save} shipped none {tokens} 40960 {out} --save {out}/ckpt")
 MP = "python3 -m megatron_patch.cli"
 
 
@@ -97,7 +97,7 @@ def journeys(other: str | None) -> list[Journey]:
                 f"{MP} verify --hf-dir hf/llama3 --mcore-dir ckpt/llama --train-steps 20 "
                 "--seq-length 64 --batch-size 4", stage=2, check=TRAIN_GAP),
         Journey("MoE training from converted (grouped GEMM)",
-                "bash examples/qwen3_moe/run_mcore_qwen3_moe.sh --model-size hf/qwen3_moe "
+                "bash examples/qwen3_moe/run_mcore_qwen3_moe.sh "
                 "--load ckpt/moe --pr bf16 --mbs 4 --gbs 8 --seq-len 128 --train-iters 30 "
                 "--warmup-iters 3 --save-interval 1000 --output moe-train",
                 stage=2),
@@ -106,7 +106,7 @@ def journeys(other: str | None) -> list[Journey]:
                                 tokens=491520, out="main"), stage=2),
         Journey("generate (main job checkpoint)",
                 f"echo '{{\"prompt\": \"The\"}}' > prompts.jsonl && {MP} generate --load "
-                "main/checkpoint/$(ls main/checkpoint) --input prompts.jsonl --output gen.jsonl "
+                "main/ckpt --input prompts.jsonl --output gen.jsonl "
                 "--max-new-tokens 16 && head -c 300 gen.jsonl", stage=2, check=re.compile("$^")),
         Journey("eval-ppl (converted checkpoint)",
                 f"{MP} eval-ppl --load ckpt/llama --data-path "
@@ -116,7 +116,7 @@ def journeys(other: str | None) -> list[Journey]:
     if other:
         rows.append(Journey(
             f"resume from {other}'s main checkpoint",
-            f"rm -rf cross && mkdir -p cross && cp -r ../{other}/main/checkpoint cross/ && "
+            f"rm -rf cross && mkdir -p cross && cp -r ../{other}/main/ckpt cross/ && "
             + PRETRAIN.format(pr="bf16", do="true", fl="true", ac="none", save=100,
                               tokens=573440, out="cross"), stage=3))
     return rows
