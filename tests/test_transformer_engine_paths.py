@@ -12,12 +12,14 @@ import pytest
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.arguments import parse_training_args
 from megatron_patch.launch.command import compose
 from megatron_patch.launch.settings import RunSettings
 from megatron_patch.models import init
 from megatron_patch.runtime import gpu_fast_paths
 from megatron_patch.runtime.backends import Backends, flash_attention_backend
 from megatron_patch.training.loop import as_float
+from tests.launch import MOCK_DATA, TINY_MODEL
 
 TE_ONLY = Backends(cuda=True, transformer_engine=True, apex=False, flash_attn=False)
 CONTAINER = Backends(cuda=True, transformer_engine=True, apex=True, flash_attn=True)
@@ -33,6 +35,19 @@ def test_megatron_linears_get_the_torch_wgrad_kernel_next_to_transformer_engine(
     monkeypatch.setattr(layers, "fused_weight_gradient_mlp_cuda", None, raising=False)
     assert gpu_fast_paths.install_wgrad_accumulation()
     assert layers.fused_weight_gradient_mlp_cuda is gpu_fast_paths.TorchWgradAccumulation
+
+
+def test_saved_gpu_arguments_build_where_the_fusion_kernel_is_missing():
+    """A checkpoint saved on a GPU asks for gradient-accumulation fusion; a process without
+    the kernel (``convert mcore-to-hf``, on the CPU or before any install) turns it off."""
+    import argparse
+
+    from megatron_patch.models.builder import transformer_config_from_args
+
+    args = parse_training_args(TINY_MODEL + MOCK_DATA + ["--micro-batch-size", "1"])
+    args.padded_vocab_size = 256
+    saved = argparse.Namespace(**{**vars(args), "gradient_accumulation_fusion": True})
+    assert not transformer_config_from_args(saved).gradient_accumulation_fusion
 
 
 @pytest.mark.parametrize("backends, flag", [(TE_ONLY, "fused"), (CONTAINER, "flash"),

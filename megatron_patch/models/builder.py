@@ -13,6 +13,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 from megatron_patch.models.common.architecture import PatchTransformerConfig
 from megatron_patch.models.common.gpt_model import PatchGPTModel
 from megatron_patch.models.registry import ModelFamily, get_family
+from megatron_patch.runtime.gpu_fast_paths import install_wgrad_accumulation
 
 
 class _DropGPTModelDeprecation(logging.Filter):
@@ -31,7 +32,14 @@ def family_from_args(args: argparse.Namespace) -> ModelFamily:
 
 
 def transformer_config_from_args(args: argparse.Namespace) -> TransformerConfig:
-    """Megatron's own args -> TransformerConfig translation (plus our architecture switches)."""
+    """Megatron's own args -> TransformerConfig translation (plus our architecture switches).
+
+    Gradient-accumulation fusion stays on only where its kernel is available in this process:
+    arguments saved by a GPU run (a checkpoint's) ask for it in processes that never installed
+    the torch stand-in, e.g. ``convert mcore-to-hf``, where Megatron would refuse to build.
+    """
+    if args.gradient_accumulation_fusion:
+        args.gradient_accumulation_fusion = install_wgrad_accumulation()
     return core_transformer_config_from_args(args, PatchTransformerConfig)
 
 

@@ -132,11 +132,13 @@ class Result:
     seconds: float
 
 
-def run(journey: Journey, config: str, site: str, out: Path, deadline: float) -> Result:
+def run(journey: Journey, config: str, site: str, out: Path, timeout: float,
+        end: float) -> Result:
     """Run one journey in ``out/config`` with ``site`` first on the path; parse its log.
 
-    It is stopped at ``deadline`` (a ``time.time()``), and not started after it."""
-    timeout = deadline - time.time()
+    It is stopped after ``timeout`` seconds or at ``end`` (a ``time.time()``), and not started
+    after ``end``."""
+    timeout = min(timeout, end - time.time())
     if timeout <= 0:
         return Result(False, "not started (deadline)", "", 0.0)
     work = out / config
@@ -189,9 +191,8 @@ def main(argv: list[str] | None = None) -> int:
                     wanted = opts.only is None or journey.stage == 0 or journey.name in \
                         opts.only.split(",")
                     if journey.stage == stage and wanted:
-                        deadline = min(end, time.time() + opts.timeout)
                         futures[pool.submit(run, journey, config, configs[config], out,
-                                            deadline)] = (
+                                            opts.timeout, end)] = (
                             journey.name, config)
                         rows += [journey.name] if journey.name not in rows else []
             for future in concurrent.futures.as_completed(futures):

@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from megatron_patch.launch.torchrun import free_port
 from toolkits.benchmark.bench_training_step import SHAPES
 
 ASSETS = Path(__file__).resolve().parents[2] / "megatron_patch" / "assets"
@@ -46,6 +47,7 @@ def _train(opts: argparse.Namespace, data: str, fp8: bool) -> dict[int, tuple[fl
     layers, hidden, ffn, heads, kv_heads, _ = SHAPES[opts.shape]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
+        "--master-port", str(free_port()),
         "-m", "megatron_patch.training.pretrain",
         "--num-layers", str(layers), "--hidden-size", str(hidden), "--ffn-hidden-size", str(ffn),
         "--num-attention-heads", str(heads), "--group-query-attention", "--num-query-groups",
