@@ -180,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(opts.out).resolve()
     end = time.time() + (opts.deadline or float("inf"))
     results: dict[tuple[str, str], Result] = {}
-    rows: list[str] = []
+    rows: dict[str, None] = {}
     plans = {c: journeys(names[(names.index(c) + 1) % len(names)] if len(names) > 1 else None)
              for c in names}
     with concurrent.futures.ThreadPoolExecutor(opts.parallel) as pool:
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
                         futures[pool.submit(run, journey, config, configs[config], out,
                                             opts.timeout, end)] = (
                             journey.name, config)
-                        rows += [journey.name] if journey.name not in rows else []
+                        rows[journey.name] = None  # the table's rows, in plan order
             for future in concurrent.futures.as_completed(futures):
                 results[futures[future]] = future.result()
                 name, config = futures[future]

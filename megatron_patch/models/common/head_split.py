@@ -43,7 +43,5 @@ def model_kv_split_problem(model: Mapping[str, Any], tp: int) -> str | None:
         return None
     groups = (model.get("num_query_groups") or heads) if model.get("group_query_attention",
                                                                    True) else heads
-    if groups % tp == 0:
-        return None
     head_dim = model.get("kv_channels") or (model.get("hidden_size") or 0) // heads
     return kv_split_problem(heads, groups, head_dim, tp)
