@@ -38,7 +38,8 @@ RL_LOSS = re.compile(r"(?:dpo loss|grpo loss|reward): ([0-9.E+-]+)")
 MAKE_MODELS = """
 from pathlib import Path
 from tests.conversion.tiny_models import save_tiny_model, save_tokenizer, tiny_config
-for case in ("llama3", "qwen3_moe"):
+CASES = "{cases}".split()
+for case in ("llama3", "qwen3_moe", *CASES):
     out = Path("hf") / case
     save_tiny_model(case, out)
     save_tokenizer(out, tiny_config(case).vocab_size)
@@ -54,6 +55,8 @@ sys.exit(1 if bad else 0)
 PRETRAIN = ("bash examples/llama/run_pretrain_mcore_llama.sh dsw tiny 8 16 1e-3 1e-4 128 128 {pr} "
             "1 1 1 false {do} {fl} {ac} {save} shipped none {tokens} 40960 {out} --save {out}/ckpt")
 MP = "python3 -m megatron_patch.cli"
+# further tiny families verified per configuration: rope variants, sliding window, MQA, MLA
+VERIFIED_CASES = ("llama_yarn_mscale", "llama_longrope", "mistral", "llama_mqa", "deepseek_v3")
 
 
 @dataclass(frozen=True)
@@ -69,7 +72,8 @@ class Journey:
 def journeys(other: str | None) -> list[Journey]:
     """The journeys; ``other`` names the configuration whose checkpoints stage 3 loads."""
     rows = [
-        Journey("models", f"python3 -c '{MAKE_MODELS}'", stage=0),
+        Journey("models", "python3 -c '{}'".format(MAKE_MODELS.format(
+            cases=" ".join(VERIFIED_CASES))), stage=0),
         Journey("convert hf-to-mcore-to-hf",
                 f"{MP} convert hf-to-mcore --hf-dir hf/llama3 --out ckpt/llama && "
                 f"{MP} convert mcore-to-hf --mcore-dir ckpt/llama --out hf/llama3-back && "
@@ -91,6 +95,15 @@ def journeys(other: str | None) -> list[Journey]:
         Journey("MoE convert + verify (qwen3_moe)",
                 f"{MP} convert hf-to-mcore --hf-dir hf/qwen3_moe --out ckpt/moe && "
                 f"{MP} verify --hf-dir hf/qwen3_moe --mcore-dir ckpt/moe", check=DIFF),
+        *(Journey(f"convert + verify {case} (fp32)",
+                  f"{MP} convert hf-to-mcore --hf-dir hf/{case} --out ckpt/{case} && "
+                  f"{MP} verify --hf-dir hf/{case} --mcore-dir ckpt/{case}", check=DIFF)
+          for case in VERIFIED_CASES),
+        Journey("MoE verify --layers (fp32)",
+                f"{MP} verify --hf-dir hf/qwen3_moe --mcore-dir ckpt/moe --layers", stage=2),
+        Journey("MoE verify, TF32 off in cuBLAS",
+                f"NVIDIA_TF32_OVERRIDE=0 {MP} verify --hf-dir hf/qwen3_moe --mcore-dir ckpt/moe",
+                stage=2, check=DIFF),
         Journey("verify logits (fp32)", f"{MP} verify --hf-dir hf/llama3 --mcore-dir ckpt/llama",
                 stage=2, check=DIFF),
         Journey("verify --train-steps 20 (bf16)",
