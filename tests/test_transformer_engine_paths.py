@@ -95,3 +95,32 @@ def test_transformer_engine_norm_parameters_start_at_one(model_parallel):
     assert torch.equal(chunk.linear_qkv.layer_norm_bias, torch.zeros(8))
     assert torch.equal(chunk.final_layernorm.weight, torch.ones(8))
     assert 0.01 < chunk.linear_qkv.weight.std() < 0.03
+
+
+def test_fp32_comparisons_restart_with_tf32_off_on_a_gpu(monkeypatch):
+    """TE's fp32 GEMMs run in TF32 unless NVIDIA_TF32_OVERRIDE=0 is set when the process starts
+    (GPU: MoE verify 0.49 max logits difference): verify and card re-execute with it."""
+    from megatron_patch.conversion import cli_verify
+    from megatron_patch.runtime import exact_fp32
+
+    calls = []
+
+    def execve(path, argv, env):
+        calls.append((argv, env.get(exact_fp32.TF32_OVERRIDE)))
+        raise SystemExit(0)
+
+    monkeypatch.setattr(exact_fp32.os, "execve", execve)
+    monkeypatch.delenv(exact_fp32.TF32_OVERRIDE, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    argv = ["--hf-dir", "h", "--mcore-dir", "m", "--tp", "2"]
+    with pytest.raises(SystemExit):
+        cli_verify.main(argv)
+    assert calls == [(exact_fp32.exact_fp32_argv("verify", argv), "0")]
+    assert calls[0][0][1:4] == ["-m", "megatron_patch.cli", "verify"]
+
+    monkeypatch.setenv(exact_fp32.TF32_OVERRIDE, "0")  # the restarted process goes on
+    exact_fp32.restart_with_exact_fp32("verify", argv)
+    monkeypatch.delenv(exact_fp32.TF32_OVERRIDE)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: nothing to do
+    exact_fp32.restart_with_exact_fp32("verify", argv)
+    assert len(calls) == 1

@@ -45,6 +45,7 @@ from megatron_patch.conversion.card import (
     write_card,
 )
 from megatron_patch.conversion.files import atomic_write_text
+from megatron_patch.runtime.exact_fp32 import restart_with_exact_fp32
 
 DEFAULT_LAYOUTS = "tp1pp1,tp2pp1,tp1pp2,tp1pp1ep2"
 
@@ -278,6 +279,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.worker:
         return _worker(*args.worker)
+    restart_with_exact_fp32("card", argv)
     if not args.hf_config:
         raise SystemExit("megatron-patch card: give --hf-config CONFIG.json|HF_DIR")
     if bool(args.out) == bool(args.out_dir) or (args.out and len(args.hf_config) > 1):

@@ -22,6 +22,7 @@ from megatron_patch.conversion.cli_fidelity import (
     run_fidelity,
 )
 from megatron_patch.launch.torchrun import rank_exit_status, run_distributed
+from megatron_patch.runtime.exact_fp32 import restart_with_exact_fp32
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,6 +83,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    restart_with_exact_fp32("verify", argv)
     from megatron_patch.conversion.verify import world_size
 
     try:
