@@ -110,3 +110,35 @@ def test_compiled_layers_keep_fused_linears_out_of_the_graph(model_parallel, mon
                for key, found in linears.items()}
     assert outside == {(True, False): [True] * 4, (False, False): [False] * 4,
                        (True, True): [False] * 4}
+
+
+def test_compiled_layers_run_packed_batches_eagerly(monkeypatch):
+    """Packed (THD) batches change their sequence boundaries every step: compiled, each would
+    recompile (GPU: the SFT packing demo made no iteration in 214 s); they run eagerly."""
+    from megatron_patch.runtime import gpu_fast_paths
+
+    calls = []
+
+    class Layer(torch.nn.Module):
+        def forward(self, hidden_states, packed_seq_params=None):
+            calls.append("eager")
+            return hidden_states
+
+    def compile_(forward):
+        def compiled(*args, **kwargs):
+            calls.append("compiled")
+            return forward(*args, **kwargs)
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", compile_)
+    from megatron.core.transformer import transformer_layer
+
+    monkeypatch.setattr(transformer_layer, "TransformerLayer", Layer)
+    layer = Layer()
+    assert gpu_fast_paths.compile_transformer_layers(layer) == 1
+    x = torch.zeros(2)
+    layer(hidden_states=x)
+    assert calls == ["compiled", "eager"]
+    calls.clear()
+    layer(hidden_states=x, packed_seq_params=object())
+    assert calls == ["eager"]

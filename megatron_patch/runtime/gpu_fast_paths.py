@@ -177,6 +177,8 @@ def compile_transformer_layers(model: torch.nn.Module) -> int:
     are separate kernels; compiled, they fuse around the matmuls. Linears that accumulate their
     weight gradient into ``main_grad`` (gradient-accumulation fusion) stay outside the graph:
     their backward sets attributes on the parameters, which the compiler cannot capture.
+    Packed (THD) batches run the layer eagerly: their sequence boundaries change every batch and
+    Megatron's THD rotary embedding reads them with ``.item()``, so each batch would recompile.
     Returns the layer count.
     """
     from megatron.core.transformer.transformer_layer import TransformerLayer
@@ -188,5 +190,16 @@ def compile_transformer_layers(model: torch.nn.Module) -> int:
             if (getattr(linear, "gradient_accumulation_fusion", False)
                     and hasattr(linear, "_forward_impl") and "_forward_impl" not in vars(linear)):
                 linear._forward_impl = torch.compiler.disable(linear._forward_impl)
-        layer.forward = torch.compile(layer.forward)
+        layer.forward = _compiled_unless_packed(layer.forward)
     return len(layers)
+
+
+def _compiled_unless_packed(forward):
+    """``forward`` compiled, called eagerly for packed-sequence (THD) batches."""
+    compiled = torch.compile(forward)
+
+    def dispatch(*args, **kwargs):
+        return (forward if kwargs.get("packed_seq_params") is not None else compiled)(
+            *args, **kwargs)
+
+    return dispatch

@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPFailure
 from megatron_patch.conversion.files import atomic_write_text, fsync_path, fsync_tree
 from megatron_patch.conversion.metadata import TRACKER_FILE, checkpoint_metadata
 from megatron_patch.models.common.spec import TE_COMPATIBLE_KEYS
+from megatron_patch.training.optimizer_steps import step_convention_loading
 
 EXTRA_STATE = "_extra_state"
 STAGING_DIR = ".saving"
@@ -451,7 +452,8 @@ def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
     """Megatron's ``load_checkpoint`` of ``args.<load_arg>`` into ``model``; returns (iteration,
     flops).
 
-    Whichever layer implementation (Transformer Engine or torch-native) wrote the checkpoint,
+    Whichever layer implementation (Transformer Engine or torch-native) and Adam (fused or
+    torch's) wrote the checkpoint,
     without torch's notices to library authors, and with Megatron's messages reworded for
     ``--finetune`` loads.
     """
@@ -472,7 +474,8 @@ def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
         if text is not None:
             original(text, *args, **print_kwargs)
 
-    with warnings.catch_warnings(), layout_independent_loading(model, directory):
+    with (warnings.catch_warnings(), layout_independent_loading(model, directory),
+          step_convention_loading(optimizer)):
         for notice in _TORCH_LOAD_NOTICES:
             warnings.filterwarnings("ignore", message=notice)
         if args.finetune:

@@ -90,8 +90,9 @@ def journeys(other: str | None) -> list[Journey]:
         Journey("SFT packing (finetune demo)", "bash examples/llama/run_finetune_mcore_llama.sh"),
         Journey("DPO", "ITERS=4 bash examples/llama/run_dpo_mcore_llama.sh", check=RL_LOSS),
         Journey("GRPO", "ITERS=2 bash examples/llama/run_grpo_mcore_llama.sh", check=RL_LOSS),
-        Journey("LLaVA demo", "bash examples/llava/run_mcore_llava.sh"),
-        Journey("Qwen2.5-VL demo", "bash examples/qwen2_5_vl/run_mcore_qwen2_5_vl.sh"),
+        Journey("LLaVA demo", "OUTPUT=llava bash examples/llava/run_mcore_llava.sh"),
+        Journey("Qwen2.5-VL demo",
+                "OUTPUT=qwen2_5_vl bash examples/qwen2_5_vl/run_mcore_qwen2_5_vl.sh"),
         Journey("MoE convert + verify (qwen3_moe)",
                 f"{MP} convert hf-to-mcore --hf-dir hf/qwen3_moe --out ckpt/moe && "
                 f"{MP} verify --hf-dir hf/qwen3_moe --mcore-dir ckpt/moe", check=DIFF),
@@ -126,12 +127,16 @@ def journeys(other: str | None) -> list[Journey]:
                 "$REPO/megatron_patch/assets/tiny_corpus.jsonl --seq-length 64",
                 stage=2, check=PPL),
     ]
-    if other:
+    if other:  # a checkpoint of the other layer implementation and Adam, trained on
         rows.append(Journey(
             f"resume from {other}'s main checkpoint",
             f"rm -rf cross && mkdir -p cross && cp -r ../{other}/main/ckpt cross/ && "
             + PRETRAIN.format(pr="bf16", do="true", fl="true", ac="none", save=100,
                               tokens=573440, out="cross"), stage=3))
+        rows.append(Journey(  # the non-distributed optimizer: Adam's step count interchanges
+            f"LLaVA resume from {other}'s checkpoint (DO=false)",
+            f"rm -rf llava-cross && cp -r ../{other}/llava llava-cross && OUTPUT=llava-cross "
+            "TRAIN_ITERS=50 bash examples/llava/run_mcore_llava.sh", stage=3))
     return rows
 
 

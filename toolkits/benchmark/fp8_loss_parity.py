@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -31,7 +32,7 @@ from toolkits.benchmark.bench_training_step import SHAPES
 ASSETS = Path(__file__).resolve().parents[2] / "megatron_patch" / "assets"
 LOG_LINE = re.compile(
     r"iteration\s+(\d+)/\s*\d+ \|.*?elapsed time per iteration \(ms\): ([0-9.]+).*?"
-    r"lm loss: ([0-9.E+-]+) \|")
+    r"lm loss: ([0-9.E+-]+) \|(?:.*?grad norm: ([0-9.E+-]+))?")
 
 
 def _preprocess(out: Path) -> str:
@@ -43,7 +44,9 @@ def _preprocess(out: Path) -> str:
     return f"{prefix}_text_document"
 
 
-def _train(opts: argparse.Namespace, data: str, fp8: bool) -> dict[int, tuple[float, float]]:
+def _train(opts: argparse.Namespace, data: str, fp8: bool
+           ) -> dict[int, tuple[float, float, float | None]]:
+    """{iteration: (loss, iteration ms, grad norm)} of one run."""
     layers, hidden, ffn, heads, kv_heads, _ = SHAPES[opts.shape]
     command = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1",
@@ -57,34 +60,50 @@ def _train(opts: argparse.Namespace, data: str, fp8: bool) -> dict[int, tuple[fl
         "--untie-embeddings-and-output-weights", "--attention-dropout", "0",
         "--hidden-dropout", "0", "--patch-tokenizer-type", "TinyTokenizer",
         "--data-path", data, "--split", "100,0,0", "--micro-batch-size", str(opts.mbs),
-        "--global-batch-size", str(opts.mbs), "--lr", "3e-4", "--min-lr", "3e-5",
+        "--global-batch-size", str(opts.gbs or opts.mbs), "--lr", "3e-4", "--min-lr", "3e-5",
         "--lr-decay-style", "cosine", "--lr-warmup-iters", "30", "--train-iters",
         str(opts.iters), "--log-interval", "1", "--eval-iters", "0", "--seed", "1234",
         "--use-distributed-optimizer", "--bf16", *(["--fp8-format", "hybrid"] if fp8 else []),
+        *shlex.split(opts.megatron_args),
     ]
     proc = subprocess.run(command, capture_output=True, text=True,
                           env={**os.environ, "CUDA_DEVICE_MAX_CONNECTIONS": "1"})
-    found = {int(i): (float(loss), float(ms)) for i, ms, loss in LOG_LINE.findall(proc.stdout)}
+    found = {int(i): (float(loss), float(ms), float(norm) if norm else None)
+             for i, ms, loss, norm in LOG_LINE.findall(proc.stdout)}
     if proc.returncode or not found:
         sys.exit(f"{'fp8' if fp8 else 'bf16'} run failed ({proc.returncode}):\n"
                  f"{(proc.stdout + proc.stderr)[-4000:]}")
     return found
 
 
-def _bf16_curve(file: str) -> dict[int, float]:
-    return {int(k): v for k, v in json.loads(Path(file).read_text())["bf16"].items()}
+def _curves(file: str) -> tuple[dict[int, float], dict[int, float | None]]:
+    """(bf16 loss, bf16 grad norm) per iteration of a ``--curves`` file."""
+    data = json.loads(Path(file).read_text())
+    norms = data.get("bf16_grad_norm", {})
+    return ({int(k): v for k, v in data["bf16"].items()},
+            {int(k): norms.get(k) for k in data["bf16"]})
 
 
-def compare(files: list[str], after: int, tolerance: float) -> int:
-    """Print the step-by-step gap of two runs' bf16 curves; 1 when one exceeds ``tolerance``."""
-    (name_a, a), (name_b, b) = ((f, _bf16_curve(f)) for f in files)
+def compare(files: list[str], after: int, tolerance: float, window: int = 20) -> int:
+    """Print the step-by-step gap of two runs' bf16 curves (and their gradient norms, and the
+    gap of ``window``-step means); 1 when a step's gap exceeds ``tolerance``."""
+    (a, norm_a), (b, norm_b) = (_curves(f) for f in files)
     steps = sorted(set(a) & set(b))
     gaps = {s: abs(a[s] - b[s]) / b[s] for s in steps}
-    print(f"{'iteration':>9}{Path(name_a).stem:>12}{Path(name_b).stem:>12}{'gap':>9}")
+    names = [Path(f).stem for f in files]
+    print(f"{'iteration':>9}{names[0]:>12}{names[1]:>12}{'gap':>9}"
+          f"{'grad norm':>11}{'grad norm':>11}")
     for step in steps:
         if step % 20 == 0 or step == steps[-1] or step in (1, 10):
-            print(f"{step:>9}{a[step]:>12.4f}{b[step]:>12.4f}{gaps[step]:>9.2%}")
+            norms = "".join(f"{n[step]:>11.3f}" if n.get(step) is not None else f"{'-':>11}"
+                            for n in (norm_a, norm_b))
+            print(f"{step:>9}{a[step]:>12.4f}{b[step]:>12.4f}{gaps[step]:>9.2%}{norms}")
     late = [s for s in steps if s > after]
+    means = {s: (statistics.mean(a[t] for t in late if s <= t < s + window),
+                 statistics.mean(b[t] for t in late if s <= t < s + window))
+             for s in late[::window]}
+    mean_gap = max(abs(x - y) / y for x, y in means.values())
+    print(f"largest gap of {window}-step means after step {after}: {mean_gap:.2%}")
     worst = max(late, key=gaps.get)
     print(f"largest gap after step {after}: {gaps[worst]:.2%} at step {worst} "
           f"(tolerance {tolerance:.0%}): {'OK' if gaps[worst] <= tolerance else 'FAILED'}")
@@ -98,6 +117,10 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=300)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--mbs", type=int, default=2)
+    parser.add_argument("--gbs", type=int, default=None,
+                        help="global batch size (default: --mbs, one micro-batch a step)")
+    parser.add_argument("--megatron-args", default="", help="further Megatron flags for every "
+                        "run, e.g. '--no-torch-compile-layers'")
     parser.add_argument("--window", type=int, default=20)
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--output", default=None, help="work directory (default: a temp dir)")
@@ -109,7 +132,7 @@ def main() -> int:
     parser.add_argument("--after", type=int, default=50, help="--compare: first step checked")
     opts = parser.parse_args()
     if opts.compare:
-        return compare(opts.compare, opts.after, opts.tolerance)
+        return compare(opts.compare, opts.after, opts.tolerance, opts.window)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(opts.output or tmp)
         out.mkdir(parents=True, exist_ok=True)
@@ -118,8 +141,9 @@ def main() -> int:
         fp8 = _train(opts, data, fp8=True) if opts.fp8 else {}
     if opts.curves:
         Path(opts.curves).write_text(json.dumps(
-            {name: {step: loss for step, (loss, _) in curve.items()}
-             for name, curve in (("bf16", bf16), ("fp8", fp8))}))
+            {**{name: {step: point[0] for step, point in curve.items()}
+                for name, curve in (("bf16", bf16), ("fp8", fp8))},
+             "bf16_grad_norm": {step: point[2] for step, point in bf16.items()}}))
     if not opts.fp8:
         print(f"bf16 loss: step 1 {bf16[min(bf16)][0]:.4f}, step {max(bf16)} "
               f"{bf16[max(bf16)][0]:.4f}")
