@@ -579,3 +579,25 @@ def test_finetune_load_messages_are_reworded():
         "  successfully loaded checkpoint from ck [ t 1/1, p 1/1 ] (its weights only; the "
         "iteration count starts again at 0)")
     assert _finetune_load_message(" checkpoint version 3.0") == " checkpoint version 3.0"
+
+
+def test_resumed_run_follows_this_commands_schedule(tmp_path):
+    """Raising --train-iters of a finished run trains further (as the "training is complete"
+    message says) instead of failing Megatron's learning-rate schedule check."""
+    from megatron_patch.training.checkpoint import schedule_mismatch_message
+
+    run = tmp_path / "run"
+    fresh = compose("llama", "pretrain", RunSettings(save_path=str(run)), [], CPU).train
+    assert "--load" not in fresh and "--override-opt_param-scheduler" not in fresh
+    run.mkdir()
+    (run / "latest_checkpointed_iteration.txt").write_text("200")
+    resumed = compose("llama", "pretrain", RunSettings(save_path=str(run)), [], CPU).train
+    assert _value(resumed, "--load") == str(run) and "--override-opt_param-scheduler" in resumed
+    kept = compose("llama", "pretrain", RunSettings(save_path=str(run)),
+                   ["--use-checkpoint-opt_param-scheduler"], CPU).train
+    assert "--override-opt_param-scheduler" not in kept
+    message = schedule_mismatch_message(AssertionError(
+        "OptimizerParamScheduler: class input value 200 and checkpointvalue 160 for total "
+        "number of iterations do not match"), "/ckpt")
+    assert message.startswith("error: --load /ckpt: the checkpoint's learning-rate schedule")
+    assert "--override-opt_param-scheduler" in message and "value 200" in message

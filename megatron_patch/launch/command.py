@@ -270,12 +270,19 @@ def parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
     return flags
 
 
-def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
+def _checkpoint_flags(settings: RunSettings, save: Path, extra: list[str]) -> list[str]:
     """Resume from this run's own checkpoints in ``save`` if any, else start from the given
-    checkpoint."""
+    checkpoint.
+
+    A resumed run's learning-rate schedule is this command's (Megatron's
+    ``--override-opt_param-scheduler``): raising ``--train-iters`` trains further, as the
+    "training is complete" message says, instead of failing Megatron's schedule check
+    (unless ``extra`` asks for the checkpoint's schedule).
+    """
     flags = ["--save", str(save), "--save-interval", str(settings.save_interval)]
     if (save / "latest_checkpointed_iteration.txt").is_file():
-        return flags + ["--load", str(save)]
+        keep = "--use-checkpoint-opt_param-scheduler" in extra  # the user's choice wins
+        return flags + ["--load", str(save)] + ["--override-opt_param-scheduler"] * (not keep)
     if settings.pretrain_checkpoint_path != NO_CHECKPOINT:
         return flags + ["--load", settings.pretrain_checkpoint_path, "--finetune",
                         "--no-load-optim", "--no-load-rng"]
@@ -351,7 +358,7 @@ def compose(family: str, mode: str, settings: RunSettings, extra: list[str],
         "--clip-grad", "1.0", "--seed", "1234",
         *precision_flags(pr), *recompute_flags(settings.ac), *attention,
         *data, *tokenizer,
-        *_checkpoint_flags(settings, run_files["save"]),
+        *_checkpoint_flags(settings, run_files["save"], extra),
         "--log-interval", "10", "--eval-interval", str(max(1, settings.save_interval)),
         "--eval-iters", "5", "--tensorboard-dir", str(run_files["tensorboard"]),
         *extra,

@@ -447,6 +447,15 @@ def _finetune_load_message(message: object) -> str | None:
     return text
 
 
+def schedule_mismatch_message(error: AssertionError, load_dir: str | None) -> str:
+    """Megatron's learning-rate schedule check, worded with the two ways on."""
+    detail = str(error).removeprefix("OptimizerParamScheduler:").strip()
+    return (f"error: --load {load_dir}: the checkpoint's learning-rate schedule differs from "
+            f"this run's ({detail}). Add --override-opt_param-scheduler to train on with this "
+            "run's schedule (e.g. after raising --train-iters), or "
+            "--use-checkpoint-opt_param-scheduler to keep the checkpoint's")
+
+
 def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
                              load_arg: str = "load", strict: bool = True) -> tuple[int, float]:
     """Megatron's ``load_checkpoint`` of ``args.<load_arg>`` into ``model``; returns (iteration,
@@ -483,5 +492,9 @@ def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
         try:
             return checkpointing.load_checkpoint(model, optimizer, scheduler, load_arg=load_arg,
                                                  strict=strict)
+        except AssertionError as error:
+            if str(error).startswith("OptimizerParamScheduler:"):
+                raise SystemExit(schedule_mismatch_message(error, load_dir)) from None
+            raise
         finally:
             checkpointing.print_rank_0 = original

@@ -112,7 +112,7 @@ def journeys(other: str | None) -> list[Journey]:
                 "--seq-length 64 --batch-size 4", stage=2, check=TRAIN_GAP),
         Journey("MoE training from converted (grouped GEMM)",
                 "bash examples/qwen3_moe/run_mcore_qwen3_moe.sh "
-                "--load ckpt/moe --pr bf16 --mbs 4 --gbs 8 --seq-len 128 --train-iters 30 "
+                "--load ckpt/moe --pr bf16 --mbs 4 --gbs 8 --seq-len 64 --train-iters 30 "
                 "--warmup-iters 3 --save-interval 1000 --output moe-train",
                 stage=2),
         Journey("resume main job",
@@ -136,7 +136,8 @@ def journeys(other: str | None) -> list[Journey]:
         rows.append(Journey(  # the non-distributed optimizer: Adam's step count interchanges
             f"LLaVA resume from {other}'s checkpoint (DO=false)",
             f"rm -rf llava-cross && cp -r ../{other}/llava llava-cross && OUTPUT=llava-cross "
-            "TRAIN_ITERS=50 bash examples/llava/run_mcore_llava.sh", stage=3))
+            "TRAIN_ITERS=50 bash examples/llava/run_mcore_llava.sh --override-opt_param-scheduler",
+            stage=3))
     return rows
 
 
@@ -188,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", action="append", required=True, metavar="NAME=SITE")
     parser.add_argument("--out", default=str(REPO / "output" / "journeys"))
     parser.add_argument("--parallel", type=int, default=6, help="journeys at a time")
-    parser.add_argument("--only", default=None, help="comma-separated journey names")
+    parser.add_argument("--only", action="append", default=None, metavar="NAME",
+                        help="run this journey (repeatable; the models are always made)")
     parser.add_argument("--timeout", type=float, default=420, help="seconds per journey")
     parser.add_argument("--deadline", type=float, default=None,
                         help="seconds for the whole run (journeys left then are not started)")
@@ -206,8 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             futures = {}
             for config, plan in plans.items():
                 for journey in plan:
-                    wanted = opts.only is None or journey.stage == 0 or journey.name in \
-                        opts.only.split(",")
+                    wanted = opts.only is None or journey.stage == 0 or journey.name in opts.only
                     if journey.stage == stage and wanted:
                         futures[pool.submit(run, journey, config, configs[config], out,
                                             opts.timeout, end)] = (
