@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("lm_eval")
+pytest.importorskip("accelerate")  # lm-eval's HF backend, the reference
 
 from megatron_patch.launch.torchrun import free_port  # noqa: E402
 from tests.launch import REPO  # noqa: E402
