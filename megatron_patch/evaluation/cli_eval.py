@@ -137,7 +137,10 @@ def run(options: argparse.Namespace, extra: Sequence[str]) -> int:
     if options.log_samples and not options.output_path:
         raise ValueError("--log-samples needs --output-path")
     if not is_rank0():
+        import datasets
+
         logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        datasets.disable_progress_bars()
     manager, tasks = load_tasks([name for name in options.tasks.split(",") if name],
                        options.include_path)
     args = args_from_options(options, extra, seq_length=options.max_length,

@@ -163,8 +163,8 @@ class MegatronLM(TemplateLM):
                    disable=disable_tqdm or not self.progress)
         for chunk in order.get_batched(n=self.batch_size):
             rows = [self._window(context, continuation) for _, context, continuation in chunk]
-            nll, greedy = token_scores(self.loaded.model, rows,
-                                       vocab_rows=self.loaded.vocab_rows)
+            nll, greedy = (scores.cpu() for scores in token_scores(
+                self.loaded.model, rows, vocab_rows=self.loaded.vocab_rows))
             for row, (request, _, continuation) in enumerate(chunk):
                 end = len(rows[row]) - 1
                 scored = slice(end - len(continuation), end)
