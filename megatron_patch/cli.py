@@ -31,6 +31,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                  "generate completions for a file of prompts from a Megatron checkpoint"),
     "eval-ppl": ("megatron_patch.generation.cli_eval_ppl",
                  "perplexity of a Megatron checkpoint on held-out data"),
+    "eval": ("megatron_patch.evaluation.cli_eval",
+             "benchmark scores of a Megatron checkpoint with lm-evaluation-harness"),
     "plan": ("megatron_patch.launch.plan",
              "propose TP/PP/DP/micro-batch/recompute for N GPUs from a memory model"),
 }

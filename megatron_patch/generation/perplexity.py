@@ -58,8 +58,9 @@ def windows(documents: Sequence[Sequence[int]], seq_length: int) -> list[list[in
     return cut
 
 
-def _masked_nll(labels: torch.Tensor, vocab_rows: int):
-    """GPTModel ``output_processor``: per-token NLL [seq, batch] over the real vocabulary."""
+def _token_scores(labels: torch.Tensor, vocab_rows: int):
+    """GPTModel ``output_processor``: [2, seq, batch] of each label's NLL over the real
+    vocabulary and whether it is the arg-max token (1.0) or not (0.0)."""
     def processor(*, hidden_states, output_layer, output_weight, scale_logits, **_):
         logits, _ = output_layer(hidden_states, weight=output_weight,
                                  runtime_gather_output=False)
@@ -68,7 +69,17 @@ def _masked_nll(labels: torch.Tensor, vocab_rows: int):
         start = parallel_state.get_tensor_model_parallel_rank() * shard
         padding = torch.arange(start, start + shard, device=logits.device) >= vocab_rows
         logits = logits.masked_fill(padding, float("-inf"))
-        return tensor_parallel.vocab_parallel_cross_entropy(logits, labels.t().contiguous())
+        targets = labels.t()
+        local = (targets >= start) & (targets < start + shard)
+        label_logit = torch.where(local, logits.gather(
+            -1, (targets - start).clamp(0, shard - 1)[..., None])[..., 0], float("-inf"))
+        top = logits.max(-1).values
+        group = parallel_state.get_tensor_model_parallel_group()
+        for value in (label_logit, top):
+            torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MAX, group=group)
+        # vocab_parallel_cross_entropy works on the logits in place: the arg-max test goes first
+        nll = tensor_parallel.vocab_parallel_cross_entropy(logits, targets.contiguous())
+        return torch.stack([nll, (label_logit >= top).float()])
     return processor
 
 
@@ -76,42 +87,52 @@ def _identity(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor
     return output
 
 
-def negative_log_likelihood(model: torch.nn.Module, token_windows: Sequence[Sequence[int]], *,
-                            vocab_rows: int, batch_size: int) -> tuple[float, int]:
-    """(summed NLL, predicted tokens) over ``token_windows``, the same on every rank."""
+def token_scores(model: torch.nn.Module, rows: Sequence[Sequence[int]], *,
+                 vocab_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (NLL, is-arg-max) [batch, longest - 1] of each row's tokens 1.. given the
+    tokens before them (rows are right-padded, so positions past a row's end are garbage);
+    the same on every rank of the model-parallel group."""
     device = next(model.parameters()).device
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    last = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    length = max(len(r) for r in rows) - 1
+    data = torch.tensor([list(r) + [0] * (length + 1 - len(r)) for r in rows],
+                        dtype=torch.long, device=device)
 
     def step(data_iterator, chunk):
         tokens, labels = next(data_iterator)
         positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
-        return (chunk(tokens, positions, None, output_processor=_masked_nll(labels, vocab_rows)),
-                _identity)
+        return (chunk(tokens, positions, None,
+                      output_processor=_token_scores(labels, vocab_rows)), _identity)
 
     model.eval()
+    with torch.no_grad():
+        outputs = get_forward_backward_func()(
+            forward_step_func=step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
+            model=[model], num_microbatches=1, seq_length=length,
+            micro_batch_size=len(rows), forward_only=True, collect_non_loss_data=True)
+    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+        scores = outputs[0].transpose(1, 2).contiguous()  # [2, batch, seq]
+    else:
+        scores = torch.empty(2, len(rows), length, dtype=torch.float32, device=device)
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        torch.distributed.broadcast(scores, parallel_state.get_pipeline_model_parallel_last_rank(),
+                                    group=parallel_state.get_pipeline_model_parallel_group())
+    return scores[0], scores[1].bool()
+
+
+def negative_log_likelihood(model: torch.nn.Module, token_windows: Sequence[Sequence[int]], *,
+                            vocab_rows: int, batch_size: int) -> tuple[float, int]:
+    """(summed NLL, predicted tokens) over ``token_windows``, the same on every rank."""
+    total = torch.zeros(2, dtype=torch.float64)
     rank0 = not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
     progress = tqdm(total=len(token_windows), desc="eval-ppl", unit="window", disable=not rank0)
     for start in range(0, len(token_windows), batch_size):
         batch = token_windows[start:start + batch_size]
         progress.update(len(batch))
-        length = max(len(w) for w in batch) - 1
-        rows = [list(w) + [0] * (length + 1 - len(w)) for w in batch]
-        data = torch.tensor(rows, dtype=torch.long, device=device)
-        counted = torch.tensor([[i < len(w) - 1 for i in range(length)] for w in batch],
-                               device=device)
-        with torch.no_grad():
-            outputs = get_forward_backward_func()(
-                forward_step_func=step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
-                model=[model], num_microbatches=1, seq_length=length,
-                micro_batch_size=len(batch), forward_only=True, collect_non_loss_data=True)
-        if last:
-            nll = outputs[0].t()  # [batch, seq]
-            total += torch.stack([nll[counted].double().sum(), counted.sum().double()])
+        nll, _ = token_scores(model, batch, vocab_rows=vocab_rows)
+        counted = torch.tensor([[i < len(w) - 1 for i in range(nll.shape[1])] for w in batch],
+                               device=nll.device)
+        total += torch.stack([nll[counted].double().sum(), counted.sum().double()]).cpu()
     progress.close()
-    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-        torch.distributed.broadcast(total, parallel_state.get_pipeline_model_parallel_last_rank(),
-                                    group=parallel_state.get_pipeline_model_parallel_group())
     if total[1] == 0:
         raise DataError("no tokens to evaluate: every document has fewer than two tokens")
     return float(total[0]), int(total[1])

@@ -47,6 +47,11 @@ class HFTokenizer(Tokenizer):
         return directory
 
     @property
+    def transformers_tokenizer(self) -> Any:
+        """The underlying ``transformers`` tokenizer."""
+        return self._tokenizer
+
+    @property
     def chat_template(self) -> str | None:
         """The tokenizer's Jinja chat template, if it has one."""
         return self._tokenizer.chat_template

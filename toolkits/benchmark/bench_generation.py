@@ -137,24 +137,30 @@ def _build_models(opts: argparse.Namespace) -> None:
     convert_hf_to_mcore(opts.hf_dir, opts.mcore_dir, progress=False)
 
 
-def _spawn(engine: str, opts: argparse.Namespace) -> dict:
+def spawn_worker(module: str, engine: str, flags: list[str]) -> dict:
+    """``python -m module --worker engine flags`` in a one-rank world; the JSON of its
+    ``RESULT`` line ({} and its output on stderr if it failed)."""
     env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
            "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
-    command = [sys.executable, "-m", "toolkits.benchmark.bench_generation", "--worker", engine,
-               "--hf-dir", str(opts.hf_dir), "--mcore-dir", str(opts.mcore_dir),
-               "--shape", opts.shape, "--batches", ",".join(map(str, opts.batches)),
-               "--prompt-len", str(opts.prompt_len), "--new-tokens", str(opts.new_tokens),
-               *(["--tiny"] if opts.tiny else []),
-               *(["--no-cuda-graphs"] if opts.no_cuda_graphs else [])]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, "-m", module, "--worker", engine, *flags],
+                          capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode or not lines:
         tail = (proc.stdout + proc.stderr)[-4000:]
         print(f"{engine} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
         return {}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def _spawn(engine: str, opts: argparse.Namespace) -> dict:
+    flags = ["--hf-dir", str(opts.hf_dir), "--mcore-dir", str(opts.mcore_dir),
+             "--shape", opts.shape, "--batches", ",".join(map(str, opts.batches)),
+             "--prompt-len", str(opts.prompt_len), "--new-tokens", str(opts.new_tokens),
+             *(["--tiny"] if opts.tiny else []),
+             *(["--no-cuda-graphs"] if opts.no_cuda_graphs else [])]
     return {int(batch): result for batch, result in
-            json.loads(lines[-1][len("RESULT "):]).items()}
+            spawn_worker("toolkits.benchmark.bench_generation", engine, flags).items()}
 
 
 def _parser() -> argparse.ArgumentParser:
