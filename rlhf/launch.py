@@ -8,7 +8,7 @@ GPUs or on the CPU.
 
   LOAD            SFT/converted checkpoint to start from (--finetune), default none
   REF_LOAD        frozen reference (dpo, grpo, ppo), default LOAD
-  MODEL_SIZE      without LOAD: a size of the family's table (megatron_patch/launch/model_sizes.py)
+  MODEL_SIZE      without LOAD: a size of the family (megatron_patch/models/<family>/sizes.py)
   TOKENIZER_TYPE  default: HFTokenizer when LOAD holds tokenizer files, TinyTokenizer for tiny
   TOKENIZER_PATH  default: LOAD
   TP PP NPROC     layout; NPROC defaults to the GPU count (TP*PP on the CPU)

@@ -247,6 +247,22 @@ def test_every_size_renders_flags_megatron_parses_back():
     assert inexpressible == {"starcoder2-3b"}
 
 
+def test_sizes_belong_to_their_family():
+    """A family's sizes are configs of its own architectures; names are unique across families
+    and MODEL_SIZEs within a family (lookups are case-insensitive)."""
+    from megatron_patch.models.registry import family_for_hf_config, registered_families
+
+    sizes = _registered_sizes()
+    for family, model in sizes:
+        assert family_for_hf_config(model.hf_config).name == family, model.name
+        assert model.name == model.name.lower(), model.name
+    names = [model.name for _, model in sizes]
+    assert len(names) == len(set(names))
+    for family in registered_families():
+        spelled = [m.size.lower() for f, m in sizes if f == family]
+        assert len(spelled) == len(set(spelled)), family
+
+
 def test_window_size_is_one_comma_separated_token():
     from megatron_patch.launch.flags import megatron_flags
 
@@ -465,7 +481,7 @@ def test_every_family_has_a_run_mcore_launcher(tmp_path):
 
 
 def test_launcher_headers_list_every_size_of_the_table():
-    """Each family launcher's header names every MODEL_SIZE of launch/model_sizes.py."""
+    """Each family launcher's header names every MODEL_SIZE of the family's sizes.py."""
     import re
 
     from megatron_patch.launch.model_sizes import family_sizes

@@ -10,6 +10,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.models.common.sizes import ModelSize
 from megatron_patch.models.common.spec import build_block_spec, build_layer_spec
 
 HFConfig = dict[str, Any]
@@ -31,6 +32,8 @@ class ModelFamily:
         qk_layernorm: whether attention has per-head q/k norms.
         unconverted_hf_tensors: ``(hf_config, hf_tensor_names)`` -> the HF tensors the family
             knowingly does not convert and why (conversion warns instead of failing on them).
+        sizes: the published models' ``config.json`` values, the launchers' ``MODEL_SIZE``
+            (``models/<family>/sizes.py``).
     """
 
     name: str
@@ -41,6 +44,7 @@ class ModelFamily:
     qk_layernorm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     unconverted_hf_tensors: Callable[[HFConfig, list[str]], tuple[list[str], str]] | None = None
+    sizes: tuple[ModelSize, ...] = ()
 
     def layer_spec(
         self, config: TransformerConfig, transformer_engine: bool | None = None

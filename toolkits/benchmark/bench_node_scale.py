@@ -5,8 +5,8 @@ extrapolation.
         [--target-gpus 8] [--seq 8192] [--pr bf16|fp8] [--steps 50] [--ep N] [--tp N] [--pp N]
         [--gpu-mem 80] [--gbs N] [--devices N] [--out result.json] [--tiny] [-- Megatron flags]
 
-The model is a ``megatron-patch plan`` table entry (``launch/model_sizes.py``: the real HF
-``config.json`` values) with random weights, trained on mock tokens through
+The model is a ``megatron-patch plan`` table entry (a family's ``models/<family>/sizes.py``:
+the real HF ``config.json`` values) with random weights, trained on mock tokens through
 ``megatron_patch.training.pretrain``; the layout is ``plan``'s best for ``--target-gpus``
 (``--tp``/``--pp``/``--ep``/``--mbs``/``--recompute`` pin it, as in ``plan``).
 

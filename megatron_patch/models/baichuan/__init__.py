@@ -20,6 +20,7 @@ from typing import Any
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.conversion.mapping import Rule, StackedQKV
+from megatron_patch.models.baichuan.sizes import BAICHUAN_SIZES
 from megatron_patch.models.common.decoder_args import LAYER, replace_rules
 from megatron_patch.models.common.hf_config import (
     UnsupportedConfigError,
@@ -75,5 +76,6 @@ BAICHUAN = register_family(
         hf_to_megatron=baichuan_to_megatron,
         megatron_to_hf=megatron_to_baichuan,
         weight_mappings=baichuan_mapping,
+        sizes=BAICHUAN_SIZES,
     )
 )

@@ -13,6 +13,7 @@ from typing import Any
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.conversion.mapping import Direct, Rule
+from megatron_patch.models.bloom.sizes import BLOOM_SIZES
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT_BIAS,
@@ -87,5 +88,6 @@ BLOOM = register_family(
         hf_to_megatron=bloom_to_megatron,
         megatron_to_hf=megatron_to_bloom,
         weight_mappings=bloom_mapping,
+        sizes=BLOOM_SIZES,
     )
 )

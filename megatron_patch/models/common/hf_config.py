@@ -1,7 +1,12 @@
 """Shared HF ``config.json`` <-> Megatron argument mapping for llama-style decoders.
 
-Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (q/k/v bias, per-head q/k norm,
-sliding window), so they share :func:`llama_style_to_megatron` / :func:`megatron_to_llama_style`.
+A field table (:class:`Field`, :class:`Arg`, :class:`Fixed` rows) states once how each
+``config.json`` field and Megatron argument correspond; :func:`fields_to_megatron` and
+:func:`fields_to_hf` read it in either direction. :data:`LLAMA_STYLE_FIELDS` is the table of the
+llama-style decoder: Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (q/k/v bias,
+per-head q/k norm, sliding window), so they share :func:`llama_style_to_megatron` /
+:func:`megatron_to_llama_style`; other families add rows of their own (DeepSeek's MLA sizes).
+What is not one field to one argument (rope, windows) is code here or in the family.
 Fields that would change the model but have no Megatron equivalent raise
 :class:`UnsupportedConfigError` naming the field, never a silently different model.
 """
@@ -10,7 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +133,145 @@ def rope_to_hf(args: Any) -> dict[str, Any]:
     return {"rope_type": "default", "rope_theta": theta}
 
 
+# ---------------------------------------------------------------------------- field tables
+
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
+
+
+REQUIRED: Any = _Required()  # a Field's default: the field must be set
+
+
+@dataclass(frozen=True)
+class Field:
+    """A ``config.json`` field and the Megatron argument it becomes, read and written by one row.
+
+    ``to_megatron`` / ``to_hf`` convert the value each way (None: unchanged). ``default``: the
+    value of an absent field; REQUIRED refuses a missing or null field, naming it; a function of
+    the arguments read by the rows above computes it, and then also stands in for a null or zero
+    value (as transformers reads ``head_dim``). ``from_args``: the ``config.json`` value computed
+    from all Megatron arguments, where the row's own argument does not give it alone.
+    """
+
+    hf: str
+    megatron: str
+    to_megatron: Callable[[Any], Any] | None = None
+    to_hf: Callable[[Any], Any] | None = None
+    default: Any = REQUIRED
+    from_args: Callable[[Any], Any] | None = None
+
+    def read(self, hf: HFConfig, args: MegatronArgs) -> Any:
+        """The argument's value for ``hf`` (``args``: the values of the rows above)."""
+        if self.default is REQUIRED:
+            value = _require(hf, self.hf)
+        elif callable(self.default):
+            value = hf.get(self.hf) or self.default(args)
+        else:
+            value = hf.get(self.hf, self.default)
+        return self.to_megatron(value) if self.to_megatron else value
+
+    def write(self, args: Any) -> Any:
+        """The field's value for Megatron arguments ``args`` (a namespace)."""
+        if self.from_args:
+            return self.from_args(args)
+        value = getattr(args, self.megatron)
+        return self.to_hf(value) if self.to_hf else value
+
+
+@dataclass(frozen=True)
+class Arg:
+    """A Megatron argument with no ``config.json`` field: a constant, or a function of the
+    arguments the table's fields give. A family's switch overrides it in place."""
+
+    megatron: str
+    value: Any
+
+
+@dataclass(frozen=True)
+class Fixed:
+    """A ``config.json`` field with no Megatron argument: any other value than ``value`` is
+    refused (absent or null means ``value``), and it is written as ``value``."""
+
+    hf: str
+    value: Any
+
+
+Row = Field | Arg | Fixed
+
+
+def fields_to_megatron(hf: HFConfig, table: Iterable[Row]) -> MegatronArgs:
+    """Megatron argument values of ``hf`` by a field table, in the table's order."""
+    table = tuple(table)
+    for row in table:
+        if isinstance(row, Fixed):
+            _expect(hf, row.hf, (row.value,), row.value)
+    args: MegatronArgs = {}
+    for row in table:
+        if isinstance(row, Field):
+            args[row.megatron] = row.read(hf, args)
+        elif isinstance(row, Arg):
+            args[row.megatron] = None  # computed below, in the table's order
+    for row in table:
+        if isinstance(row, Arg):
+            args[row.megatron] = row.value(args) if callable(row.value) else row.value
+    return args
+
+
+def fields_to_hf(args: Any, table: Iterable[Row]) -> HFConfig:
+    """``config.json`` fields of Megatron arguments ``args`` by a field table."""
+    config: HFConfig = {}
+    for row in table:
+        if isinstance(row, Field):
+            config[row.hf] = row.write(args)
+        elif isinstance(row, Fixed):
+            config[row.hf] = row.value
+    return config
+
+
+def without(table: Iterable[Row], *hf_fields: str) -> tuple[Row, ...]:
+    """``table`` less the rows of ``hf_fields`` (a family that reads them its own way)."""
+    return tuple(row for row in table if getattr(row, "hf", None) not in hf_fields)
+
+
+def _key_value_heads(args: Any) -> int:
+    # Megatron's num_query_groups only counts with --group-query-attention.
+    return args.num_query_groups if args.group_query_attention else args.num_attention_heads
+
+
+def _negate(value: Any) -> bool:
+    return not value
+
+
+# The llama-style decoder, in the order of Megatron's flags. Family switches (q/k/v bias, q/k
+# norm) override their Arg rows; rope and the sliding window are mapped by the code below.
+LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
+    Field("num_hidden_layers", "num_layers", int),
+    Field("hidden_size", "hidden_size", int),
+    Field("intermediate_size", "ffn_hidden_size", int),
+    Field("num_attention_heads", "num_attention_heads", int),
+    Arg("group_query_attention", lambda a: a["num_query_groups"] != a["num_attention_heads"]),
+    Field("num_key_value_heads", "num_query_groups", int,
+          default=lambda a: a["num_attention_heads"], from_args=_key_value_heads),
+    Field("head_dim", "kv_channels", int,
+          default=lambda a: a["hidden_size"] // a["num_attention_heads"]),
+    Fixed("hidden_act", "silu"),
+    Field("max_position_embeddings", "max_position_embeddings", int, default=4096),
+    Arg("normalization", "RMSNorm"),
+    Field("rms_norm_eps", "layernorm_epsilon", float, default=1e-6),
+    Arg("swiglu", True),
+    Arg("add_bias_linear", False),
+    Arg("add_qkv_bias", False),
+    Arg("qk_layernorm", False),
+    Field("tie_word_embeddings", "untie_embeddings_and_output_weights", _negate, _negate,
+          default=False),
+    Field("vocab_size", "vocab_size", int),
+    Field("attention_dropout", "attention_dropout", float, default=0.0),
+    Arg("hidden_dropout", 0.0),
+    Field("initializer_range", "init_method_std", float, default=0.02),
+)
+
+
 def _effective_window(hf: HFConfig) -> int | None:
     """``sliding_window``, or None when it covers ``max_position_embeddings`` (a no-op)."""
     window = hf.get("sliding_window")
@@ -175,37 +320,17 @@ def llama_style_to_megatron(
     RMSNorm on q and k (Qwen3). ``window``: how the family reads its sliding window (HF
     semantics: the token and ``window - 1`` before it); None: the family has none.
     """
-    _expect(hf, "hidden_act", ("silu",), "silu")
     for field in ("mlp_bias", "attention_bias"):
         if hf.get(field):
             raise UnsupportedConfigError(
                 f"config.json: {field}=true is not supported (bias on o_proj/MLP)"
             )
-    heads = int(_require(hf, "num_attention_heads"))
-    hidden = int(_require(hf, "hidden_size"))
-    kv_heads = int(hf.get("num_key_value_heads") or heads)
-    head_dim = int(hf.get("head_dim") or hidden // heads)
+    args = fields_to_megatron(hf, LLAMA_STYLE_FIELDS)
     window_tokens = window(hf) if window else None
     return {
-        "num_layers": int(_require(hf, "num_hidden_layers")),
-        "hidden_size": hidden,
-        "ffn_hidden_size": int(_require(hf, "intermediate_size")),
-        "num_attention_heads": heads,
-        "group_query_attention": kv_heads != heads,
-        "num_query_groups": kv_heads,
-        "kv_channels": head_dim,
-        "max_position_embeddings": int(hf.get("max_position_embeddings", 4096)),
-        "normalization": "RMSNorm",
-        "layernorm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
-        "swiglu": True,
-        "add_bias_linear": False,
+        **args,
         "add_qkv_bias": qkv_bias,
         "qk_layernorm": qk_layernorm,
-        "untie_embeddings_and_output_weights": not hf.get("tie_word_embeddings", False),
-        "vocab_size": int(_require(hf, "vocab_size")),
-        "attention_dropout": float(hf.get("attention_dropout", 0.0)),
-        "hidden_dropout": 0.0,
-        "init_method_std": float(hf.get("initializer_range", 0.02)),
         # Transformer Engine's (left, right) window: query i attends keys i-left .. i.
         "window_size": None if window_tokens is None else (window_tokens - 1, 0),
         **rope_to_megatron(hf),
@@ -233,23 +358,10 @@ def megatron_to_llama_style(
     ``extra`` adds family-specific fields (e.g. Qwen3's ``attention_bias``).
     """
     rope = rope_to_hf(args)
-    heads = args.num_attention_heads
     config = {
         "architectures": [architecture],
         "model_type": model_type,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.ffn_hidden_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": heads,
-        "num_key_value_heads": args.num_query_groups if args.group_query_attention else heads,
-        "head_dim": args.kv_channels,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_position_embeddings,
-        "rms_norm_eps": args.layernorm_epsilon,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "vocab_size": args.vocab_size,
-        "attention_dropout": args.attention_dropout,
-        "initializer_range": args.init_method_std,
+        **fields_to_hf(args, LLAMA_STYLE_FIELDS),
         "rope_parameters": rope,
         "rope_theta": rope["rope_theta"],
     }

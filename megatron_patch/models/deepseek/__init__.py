@@ -39,9 +39,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.conversion.mapping import Direct, Rule
 from megatron_patch.models.common.hf_config import (
+    LLAMA_STYLE_FIELDS,
+    Arg,
+    Field,
+    Fixed,
     UnsupportedConfigError,
+    fields_to_hf,
+    fields_to_megatron,
     llama_style_to_megatron,
     rope_parameters,
+    without,
 )
 from megatron_patch.models.common.llama_style import llama_style_mapping
 from megatron_patch.models.common.mla import mla_layer_spec
@@ -55,6 +62,7 @@ from megatron_patch.models.common.moe import (
     moe_to_megatron,
     routed_experts,
 )
+from megatron_patch.models.deepseek.sizes import DEEPSEEK_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 # YaRN settings Megatron-Core's MLA does not take from arguments (MLATransformerConfig defaults).
@@ -62,6 +70,18 @@ _MLA_YARN_FIXED = {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_e
 # HF DeepSeek builds its q/kv latent RMSNorms with this epsilon whatever rms_norm_eps says.
 _LATENT_NORM_EPS = 1e-6
 _MTP_LAYER = "model.layers.{}."
+# DeepSeek's own rows, after the llama-style ones: no attention bias, Multi-Latent Attention's
+# sizes (they replace head_dim; Megatron's kv_channels is the value head size).
+_OWN_FIELDS = (
+    Fixed("attention_bias", False),
+    Arg("multi_latent_attention", True),
+    Field("q_lora_rank", "q_lora_rank", default=None),  # None: one q_proj (V2-Lite)
+    Field("kv_lora_rank", "kv_lora_rank", int),
+    Field("qk_nope_head_dim", "qk_head_dim", int),
+    Field("qk_rope_head_dim", "qk_pos_emb_head_dim", int),
+    Field("v_head_dim", "v_head_dim", int),
+    Arg("kv_channels", lambda args: args["v_head_dim"]),
+)
 
 
 def _rope_to_megatron(hf: HFConfig) -> MegatronArgs:
@@ -139,16 +159,9 @@ def _to_megatron(hf: HFConfig) -> MegatronArgs:
     layers = int(hf["num_hidden_layers"])
     dense = int(hf.get("first_k_dense_replace") or 0)
     shared = int(hf.get("n_shared_experts") or 0) * int(hf["moe_intermediate_size"])
-    args = llama_style_to_megatron(plain, qk_layernorm=True)
     return {
-        **args,
-        "multi_latent_attention": True,
-        "q_lora_rank": hf.get("q_lora_rank"),
-        "kv_lora_rank": int(hf["kv_lora_rank"]),
-        "qk_head_dim": int(hf["qk_nope_head_dim"]),
-        "qk_pos_emb_head_dim": int(hf["qk_rope_head_dim"]),
-        "v_head_dim": int(hf["v_head_dim"]),
-        "kv_channels": int(hf["v_head_dim"]),
+        **llama_style_to_megatron(plain, qk_layernorm=True),
+        **fields_to_megatron(hf, _OWN_FIELDS),
         **_rope_to_megatron(hf),
         **moe_to_megatron(
             _router(hf, v3), ffn_hidden_size=int(hf["moe_intermediate_size"]),
@@ -173,13 +186,8 @@ def _to_hf(args: Any) -> HFConfig:
     config = {
         "architectures": ["DeepseekV3ForCausalLM" if v3 else "DeepseekV2ForCausalLM"],
         "model_type": "deepseek_v3" if v3 else "deepseek_v2",
-        "vocab_size": args.vocab_size,
-        "hidden_size": args.hidden_size,
-        "intermediate_size": args.ffn_hidden_size,
+        **fields_to_hf(args, (*without(LLAMA_STYLE_FIELDS, "head_dim"), *_OWN_FIELDS)),
         "moe_intermediate_size": args.moe_ffn_hidden_size,
-        "num_hidden_layers": args.num_layers,
-        "num_attention_heads": args.num_attention_heads,
-        "num_key_value_heads": args.num_attention_heads,
         "n_shared_experts": (args.moe_shared_expert_intermediate_size or 0)
         // args.moe_ffn_hidden_size,
         "n_routed_experts": args.num_experts,
@@ -190,18 +198,6 @@ def _to_hf(args: Any) -> HFConfig:
         "norm_topk_prob": v3 and args.moe_router_topk > 1,
         "first_k_dense_replace": first_dense_layers(moe_layer_pattern(args),
                                                     "first_k_dense_replace"),
-        "q_lora_rank": args.q_lora_rank,
-        "kv_lora_rank": args.kv_lora_rank,
-        "qk_nope_head_dim": args.qk_head_dim,
-        "qk_rope_head_dim": args.qk_pos_emb_head_dim,
-        "v_head_dim": args.v_head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": args.max_position_embeddings,
-        "rms_norm_eps": args.layernorm_epsilon,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "attention_bias": False,
-        "attention_dropout": args.attention_dropout,
-        "initializer_range": args.init_method_std,
         "rope_parameters": _rope_to_hf(args),
         "aux_loss_alpha": aux_loss_coeff(args),
         "seq_aux": args.moe_router_load_balancing_type in ("seq_aux_loss", ["seq_aux_loss"]),
@@ -262,5 +258,6 @@ DEEPSEEK = register_family(
         weight_mappings=_mapping,
         qk_layernorm=True,
         unconverted_hf_tensors=_multi_token_prediction,
+        sizes=DEEPSEEK_SIZES,
     )
 )

@@ -29,6 +29,7 @@ from megatron_patch.models.common.decoder_args import (
 )
 from megatron_patch.models.common.hf_config import _expect, rope_to_hf, rope_to_megatron
 from megatron_patch.models.common.layers import PatchedFamily
+from megatron_patch.models.falcon.sizes import FALCON_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 
@@ -120,5 +121,6 @@ FALCON = register_family(
         hf_to_megatron=falcon_to_megatron,
         megatron_to_hf=megatron_to_falcon,
         weight_mappings=falcon_mapping,
+        sizes=FALCON_SIZES,
     )
 )

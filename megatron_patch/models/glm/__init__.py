@@ -34,6 +34,7 @@ from megatron_patch.models.common.hf_config import (
 )
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.common.llama_style import llama_style_mapping
+from megatron_patch.models.glm.sizes import CHATGLM_SIZES, GLM_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 _FC1 = LAYER + "mlp.linear_fc1.weight"
@@ -159,6 +160,7 @@ GLM = register_family(
         hf_to_megatron=glm_to_megatron,
         megatron_to_hf=megatron_to_glm,
         weight_mappings=glm_mapping,
+        sizes=GLM_SIZES,
     )
 )
 
@@ -169,5 +171,6 @@ CHATGLM = register_family(
         hf_to_megatron=chatglm_to_megatron,
         megatron_to_hf=megatron_to_chatglm,
         weight_mappings=chatglm_mapping,
+        sizes=CHATGLM_SIZES,
     )
 )

@@ -7,6 +7,7 @@ from megatron_patch.models.common.hf_config import (
     megatron_to_llama_style,
 )
 from megatron_patch.models.common.llama_style import llama_style_mapping
+from megatron_patch.models.llama.sizes import LLAMA_SIZES
 from megatron_patch.models.registry import ModelFamily, register_family
 
 LLAMA = register_family(
@@ -18,5 +19,6 @@ LLAMA = register_family(
             megatron_to_llama_style, architecture="LlamaForCausalLM", model_type="llama"
         ),
         weight_mappings=llama_style_mapping,
+        sizes=LLAMA_SIZES,
     )
 )

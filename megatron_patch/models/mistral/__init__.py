@@ -15,6 +15,7 @@ from megatron_patch.models.common.hf_config import (
     mistral_window,
 )
 from megatron_patch.models.common.llama_style import llama_style_mapping
+from megatron_patch.models.mistral.sizes import MISTRAL_SIZES
 from megatron_patch.models.registry import HFConfig, ModelFamily, register_family
 
 
@@ -30,5 +31,6 @@ MISTRAL = register_family(
         hf_to_megatron=partial(llama_style_to_megatron, window=mistral_window),
         megatron_to_hf=_to_hf,
         weight_mappings=llama_style_mapping,
+        sizes=MISTRAL_SIZES,
     )
 )

@@ -31,6 +31,7 @@ from megatron_patch.models.common.moe import (
     moe_to_megatron,
     routed_experts,
 )
+from megatron_patch.models.mixtral.sizes import MIXTRAL_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 
@@ -65,5 +66,6 @@ MIXTRAL = register_family(
         hf_to_megatron=_to_megatron,
         megatron_to_hf=_to_hf,
         weight_mappings=_mapping,
+        sizes=MIXTRAL_SIZES,
     )
 )

@@ -25,6 +25,7 @@ from megatron_patch.models.common.decoder_args import (
 )
 from megatron_patch.models.common.hf_config import UnsupportedConfigError, _expect
 from megatron_patch.models.common.layers import PatchedFamily
+from megatron_patch.models.opt.sizes import OPT_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
@@ -96,5 +97,6 @@ OPT = register_family(
         hf_to_megatron=opt_to_megatron,
         megatron_to_hf=megatron_to_opt,
         weight_mappings=opt_mapping,
+        sizes=OPT_SIZES,
     )
 )

@@ -13,6 +13,7 @@ from megatron_patch.models.common.hf_config import (
     qwen_window_fields,
 )
 from megatron_patch.models.common.llama_style import llama_style_mapping
+from megatron_patch.models.qwen2.sizes import QWEN2_SIZES
 from megatron_patch.models.registry import HFConfig, ModelFamily, register_family
 
 
@@ -27,5 +28,6 @@ QWEN2 = register_family(
         hf_to_megatron=partial(llama_style_to_megatron, qkv_bias=True, window=qwen_window),
         megatron_to_hf=_to_hf,
         weight_mappings=llama_style_mapping,
+        sizes=QWEN2_SIZES,
     )
 )

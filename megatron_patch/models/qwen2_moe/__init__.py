@@ -33,6 +33,7 @@ from megatron_patch.models.common.moe import (
     moe_to_megatron,
     routed_experts,
 )
+from megatron_patch.models.qwen2_moe.sizes import QWEN2_MOE_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 
@@ -103,5 +104,6 @@ QWEN2_MOE = register_family(
         hf_to_megatron=_to_megatron,
         megatron_to_hf=_to_hf,
         weight_mappings=qwen_moe_mapping,
+        sizes=QWEN2_MOE_SIZES,
     )
 )

@@ -13,6 +13,7 @@ from megatron_patch.models.common.hf_config import (
     qwen_window_fields,
 )
 from megatron_patch.models.common.llama_style import llama_style_mapping
+from megatron_patch.models.qwen3.sizes import QWEN3_SIZES
 from megatron_patch.models.registry import HFConfig, ModelFamily, register_family
 
 
@@ -29,5 +30,6 @@ QWEN3 = register_family(
         megatron_to_hf=_to_hf,
         weight_mappings=llama_style_mapping,
         qk_layernorm=True,
+        sizes=QWEN3_SIZES,
     )
 )

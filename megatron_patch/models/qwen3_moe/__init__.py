@@ -13,6 +13,7 @@ from typing import Any
 from megatron_patch.models.common.hf_config import megatron_to_llama_style
 from megatron_patch.models.common.moe import MoEFamily
 from megatron_patch.models.qwen2_moe import qwen_moe_fields, qwen_moe_mapping, qwen_moe_to_megatron
+from megatron_patch.models.qwen3_moe.sizes import QWEN3_MOE_SIZES
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
 
 
@@ -33,5 +34,6 @@ QWEN3_MOE = register_family(
         megatron_to_hf=_to_hf,
         weight_mappings=qwen_moe_mapping,
         qk_layernorm=True,
+        sizes=QWEN3_MOE_SIZES,
     )
 )

@@ -34,6 +34,7 @@ from megatron_patch.models.common.hf_config import (
 )
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.starcoder.sizes import STARCODER2_SIZES, STARCODER_SIZES
 
 # HF activation names -> --mlp-activation.
 _ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
@@ -174,6 +175,7 @@ STARCODER = register_family(
         hf_to_megatron=bigcode_to_megatron,
         megatron_to_hf=megatron_to_bigcode,
         weight_mappings=bigcode_mapping,
+        sizes=STARCODER_SIZES,
     )
 )
 
@@ -184,5 +186,6 @@ STARCODER2 = register_family(
         hf_to_megatron=starcoder2_to_megatron,
         megatron_to_hf=megatron_to_starcoder2,
         weight_mappings=starcoder2_mapping,
+        sizes=STARCODER2_SIZES,
     )
 )
