@@ -22,7 +22,7 @@ from typing import Any
 import yaml
 
 from megatron_patch.conversion.files import atomic_write_text
-from megatron_patch.models.common.head_split import model_kv_split_problem
+from megatron_patch.parallel_layout import TRAINING, ParallelLayout, Wording
 
 CARD_VERSION = 1
 _LAYOUT = re.compile(r"^tp(\d+)pp(\d+)(?:ep(\d+))?$")
@@ -58,22 +58,15 @@ def parse_layouts(text: str) -> list[Layout]:
     return list(dict.fromkeys(Layout.parse(part) for part in text.split(",") if part.strip()))
 
 
+# A card's names of the layout's sizes (its layout names: tp2pp1ep2).
+CARD_WORDING = Wording({"tp": "TP", "pp": "PP", "ep": "EP", "expert_tp": "ETP"})
+
+
 def layout_problem(model: Mapping[str, Any], layout: Layout) -> str | None:
-    """Why ``layout`` cannot run this model (Megatron args of the family mapping), or None."""
-    heads = model.get("num_attention_heads")
-    if heads and heads % layout.tp:
-        return f"TP {layout.tp} does not divide num_attention_heads={heads}"
-    kv_problem = model_kv_split_problem(model, layout.tp)
-    if kv_problem:
-        return f"TP {layout.tp}: {kv_problem}"
-    if model.get("num_layers") and model["num_layers"] % layout.pp:
-        return f"PP {layout.pp} does not divide num_layers={model['num_layers']}"
-    experts = model.get("num_experts")
-    if layout.ep > 1 and experts and experts % layout.ep:
-        return f"EP {layout.ep} does not divide num_experts={experts}"
-    if experts and model.get("moe_ffn_hidden_size", 0) % layout.tp:
-        return f"TP {layout.tp} does not divide moe_ffn_hidden_size={model['moe_ffn_hidden_size']}"
-    return None
+    """Why ``layout`` cannot run this model (Megatron args of the family mapping), or None
+    (:class:`~megatron_patch.parallel_layout.ParallelLayout`'s rules)."""
+    problems = ParallelLayout(tp=layout.tp, pp=layout.pp, ep=layout.ep, sp=None).problems(model)
+    return next((p.message(CARD_WORDING) for p in problems if p.kind != TRAINING), None)
 
 
 def tool_versions() -> dict[str, str]:

@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import argparse
-import copy
 import dataclasses
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,41 +14,29 @@ from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import HFCheckpoint, dtype_name, parse_dtype
 from megatron_patch.conversion.layout import (
     build_layout,
+    check_parallel_layout,
     hf_embedding_name,
     parse_megatron_args,
     pipeline_chunks,
     single_process_group,
 )
 from megatron_patch.conversion.legacy import save_legacy
+from megatron_patch.conversion.mcore_io import size_vocabulary, stored_args
 from megatron_patch.conversion.metadata import TRACKER_FILE, write_checkpoint_metadata
 from megatron_patch.conversion.torch_dist import save_torch_dist
+from megatron_patch.conversion.vlm import convert_vlm_hf_to_mcore
 from megatron_patch.models.builder import transformer_config_from_args
-from megatron_patch.models.common.head_split import model_kv_split_problem
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.common.vision import VisionLanguageFamily
 from megatron_patch.models.registry import (
     HFConfig,
     MegatronArgs,
     ModelFamily,
     family_for_hf_config,
 )
-from megatron_patch.models.vocab import needed_vocab_rows, padded_vocab_size
+from megatron_patch.parallel_layout import ParallelLayout
 
 FORMATS = ("torch_dist", "legacy")
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
-
-
-def tokenizer_size(hf_dir: Path) -> int | None:
-    """Tokens of the HF tokenizer in ``hf_dir`` (added tokens included); None without one."""
-    if not any(next(hf_dir.glob(pattern), None) for pattern in _TOKENIZER_FILES):
-        return None
-    from transformers import AutoTokenizer
-
-    try:
-        return len(AutoTokenizer.from_pretrained(hf_dir))
-    except (OSError, ValueError) as exc:
-        warnings.warn(f"{hf_dir}: tokenizer not loadable ({exc}); sizing the vocabulary from the "
-                      "embedding rows", stacklevel=2)
-        return None
 
 
 def _layout_values(tp: int, pp: int, vpp: int | None, first: int | None,
@@ -63,34 +48,6 @@ def _layout_values(tp: int, pp: int, vpp: int | None, first: int | None,
               "expert_model_parallel_size": ep if ep > 1 else None,
               "expert_tensor_parallel_size": etp}
     return {key: value for key, value in values.items() if value is not None}
-
-
-def _check_parallel(model: MegatronArgs, tp: int, pp: int, vpp: int | None, ep: int = 1,
-                    etp: int | None = None, ckpt_format: str = "torch_dist") -> None:
-    heads = model.get("num_attention_heads")
-    if heads and heads % tp:
-        raise ConversionError(f"--tp {tp} must divide num_attention_heads={heads} (Megatron "
-                              "splits the attention heads)")
-    kv_problem = model_kv_split_problem(model, tp)
-    if kv_problem:
-        raise ConversionError(f"--tp {tp}: {kv_problem}")
-    if vpp and pp == 1:
-        raise ConversionError("--vpp needs --pp > 1")
-    experts = model.get("num_experts")
-    if (ep > 1 or etp is not None) and not experts:
-        raise ConversionError(f"--ep {ep} / --etp {etp} need a mixture-of-experts model; this "
-                              "one has no routed experts")
-    if experts and experts % ep:
-        raise ConversionError(f"--ep {ep} must divide the {experts} routed experts "
-                              "(config.json num_experts / num_local_experts / n_routed_experts)")
-    expert_tp = tp if etp is None else etp
-    if experts and model["moe_ffn_hidden_size"] % expert_tp:
-        raise ConversionError(f"expert tensor parallel size {expert_tp} must divide the expert "
-                              f"FFN size moe_ffn_hidden_size={model['moe_ffn_hidden_size']}")
-    if ckpt_format == "legacy" and expert_tp != tp:
-        raise ConversionError(f"--etp {etp} differs from --tp {tp}: legacy checkpoints split "
-                              "experts over the tensor-parallel ranks; use --format torch_dist "
-                              "(it loads at any TP/EP/ETP)")
 
 
 def unconverted_removed(family: ModelFamily, hf_config: HFConfig,
@@ -106,37 +63,6 @@ def unconverted_removed(family: ModelFamily, hf_config: HFConfig,
         warnings.warn(f"{reader.hf_dir}: {len(dropped)} tensors are not converted ({shown}): "
                       f"{reason}", stacklevel=2)
     return sorted(set(names) - set(dropped))
-
-
-@dataclass(frozen=True)
-class VocabSizes:
-    """How the vocabulary was sized (recorded in the metadata)."""
-
-    hf_vocab_rows: int  # rows of the HF embedding
-    tokenizer_vocab_size: int | None
-    extra_vocab_size: int
-    vocab_rows: int  # rows that carry tokens: max(HF rows, tokenizer + extra); kept on export
-    make_vocab_size_divisible_by: int
-    padded_vocab_size: int  # Megatron's embedding rows
-
-
-def size_vocabulary(hf_dir: Path, hf_rows: int, extra: int, divisible_by: int,
-                    tp: int) -> VocabSizes:
-    """Vocabulary rows from the HF embedding, its tokenizer and ``--extra-vocab-size``."""
-    tokens = tokenizer_size(hf_dir)
-    rows = needed_vocab_rows(tokens or hf_rows, hf_rows, extra)
-    return VocabSizes(hf_rows, tokens, extra, rows, divisible_by,
-                      padded_vocab_size(rows, divisible_by, tp))
-
-
-def _saved_args(args: argparse.Namespace, layout: MegatronArgs, dtype: torch.dtype
-                ) -> argparse.Namespace:
-    """The args stored in the checkpoint: as parsed, with the layout it was written for."""
-    saved = copy.copy(args)
-    vars(saved).update(layout)
-    saved.virtual_pipeline_model_parallel_size = layout.get("num_virtual_stages_per_pipeline_rank")
-    saved.params_dtype = dtype
-    return saved
 
 
 def convert_hf_to_mcore(
@@ -169,9 +95,7 @@ def convert_hf_to_mcore(
     hf_dir = Path(hf_dir)
     hf_config = load_hf_config(hf_dir)
     family = family_for_hf_config(hf_config)
-    if "vlm" in family.extra:  # vision-language: conversion/vlm.py
-        from megatron_patch.conversion.vlm import convert_vlm_hf_to_mcore
-
+    if isinstance(family, VisionLanguageFamily):  # a multimodal model: conversion/vlm.py
         return convert_vlm_hf_to_mcore(
             hf_dir, out, family, tp=tp, pp=pp, dtype=dtype, ckpt_format=ckpt_format,
             make_vocab_size_divisible_by=make_vocab_size_divisible_by, progress=progress,
@@ -180,7 +104,10 @@ def convert_hf_to_mcore(
                          "--decoder-last-pipeline-num-layers": decoder_last_pipeline_num_layers,
                          "--extra-vocab-size": extra_vocab_size or None})
     model = family.hf_to_megatron(hf_config)
-    _check_parallel(model, tp, pp, vpp, ep, etp, ckpt_format)
+    uneven = (decoder_first_pipeline_num_layers is not None
+              or decoder_last_pipeline_num_layers is not None)
+    check_parallel_layout(model, ParallelLayout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp, sp=None,
+                                                uneven=uneven), ckpt_format)
     reader = HFCheckpoint(hf_dir)
     layout_values = _layout_values(tp, pp, vpp, decoder_first_pipeline_num_layers,
                                    decoder_last_pipeline_num_layers, ep, etp)
@@ -211,7 +138,7 @@ def convert_hf_to_mcore(
 
         release = scratch / "release"
         release.mkdir()
-        common = {"args": _saved_args(args, layout_values, out_dtype), "checkpoint_version": 3.0,
+        common = {"args": stored_args(args, layout_values, out_dtype), "checkpoint_version": 3.0,
                   "iteration": 0}
         if ckpt_format == "torch_dist":
             save_torch_dist(layout, release, source, common, progress)

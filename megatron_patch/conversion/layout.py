@@ -32,6 +32,7 @@ from megatron_patch.arguments import parse_training_args
 from megatron_patch.conversion.engine import ConversionError, Vocab, WeightMap
 from megatron_patch.models.builder import build_gpt_model, transformer_config_from_args
 from megatron_patch.models.registry import ModelFamily, get_family
+from megatron_patch.parallel_layout import TRAINING, ParallelLayout, Wording
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
 
 EMBEDDING = "embedding.word_embeddings.weight"
@@ -58,6 +59,31 @@ def parse_megatron_args(argv: Sequence[str],
     with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return parse_training_args(list(argv), defaults)
+
+
+# The converter's names of the layout's sizes (``convert hf-to-mcore`` flags) and model fields.
+CONVERT_WORDING = Wording(
+    {"tp": "--tp", "pp": "--pp", "vpp": "--vpp", "ep": "--ep", "etp": "--etp",
+     "expert_tp": "expert tensor parallel size",  # --etp, default --tp
+     "uneven": "--decoder-first/last-pipeline-num-layers"},
+    {"num_experts": "the {} routed experts (config.json num_experts / num_local_experts / "
+                    "n_routed_experts)",
+     "moe_ffn_hidden_size": "the expert FFN size moe_ffn_hidden_size={}"},
+    model="this one")
+
+
+def check_parallel_layout(model: dict, layout: ParallelLayout,
+                          ckpt_format: str = "torch_dist") -> None:
+    """Refuse a layout Megatron cannot run the model (Megatron argument values) at, or a
+    setting without effect (:class:`~megatron_patch.parallel_layout.ParallelLayout`'s rules,
+    in the converter's flags); legacy checkpoints also split experts over the TP ranks."""
+    problems = [p for p in layout.problems(model) if p.kind != TRAINING]
+    if problems:
+        raise ConversionError(problems[0].message(CONVERT_WORDING))
+    if ckpt_format == "legacy" and layout.expert_tp != layout.tp:
+        raise ConversionError(f"--etp {layout.etp} differs from --tp {layout.tp}: legacy "
+                              "checkpoints split experts over the tensor-parallel ranks; use "
+                              "--format torch_dist (it loads at any TP/EP/ETP)")
 
 
 def layer_index(name: str) -> int | None:

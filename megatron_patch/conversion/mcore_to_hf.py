@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from megatron.core import dist_checkpointing
 from tqdm import tqdm
 
 from megatron_patch.conversion.checkpoint_defaults import has_tokenizer
@@ -17,43 +16,19 @@ from megatron_patch.conversion.hf_io import (
     parse_dtype,
     parse_size,
 )
-from megatron_patch.conversion.hf_to_mcore import TRACKER_FILE
 from megatron_patch.conversion.layout import (
     build_layout,
     family_of,
     single_process_group,
     single_stage_args,
 )
-from megatron_patch.conversion.legacy import LegacyCheckpoint
+from megatron_patch.conversion.mcore_io import checkpoint_directory, open_checkpoint
 from megatron_patch.conversion.metadata import checkpoint_metadata
-from megatron_patch.conversion.torch_dist import TorchDistCheckpoint
+from megatron_patch.conversion.vlm import convert_vlm_mcore_to_hf, vlm_family
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.common.vision import VisionLanguageFamily
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.tokenizer.hf import TINY_TOKENIZER_DIR
-
-
-def checkpoint_directory(mcore_dir: Path) -> Path:
-    """The directory of the checkpoint ``latest_checkpointed_iteration.txt`` points at.
-
-    ``mcore_dir`` may also be a checkpoint directory itself (``release/``, ``iter_0000100/``).
-    """
-    tracker = mcore_dir / TRACKER_FILE
-    if not tracker.is_file():
-        if (mcore_dir / "metadata.json").is_file() or next(mcore_dir.glob("mp_rank_*"), None):
-            return mcore_dir
-        raise FileNotFoundError(f"{mcore_dir}: no {TRACKER_FILE} and no checkpoint files")
-    text = tracker.read_text().strip()
-    directory = mcore_dir / ("release" if text == "release" else f"iter_{int(text):07d}")
-    if not directory.is_dir():
-        raise FileNotFoundError(f"{tracker} points at {directory}, which does not exist")
-    return directory
-
-
-def open_checkpoint(directory: Path) -> TorchDistCheckpoint | LegacyCheckpoint:
-    """A reader for a ``torch_dist`` or legacy checkpoint directory."""
-    if dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
-        return TorchDistCheckpoint(directory)
-    return LegacyCheckpoint(directory)
 
 
 def convert_mcore_to_hf(
@@ -76,8 +51,6 @@ def convert_mcore_to_hf(
     metadata = checkpoint_metadata(mcore_dir) or {}
     template = load_hf_config(hf_template) if hf_template else None
     files_from = Path(hf_template) if hf_template else mcore_dir
-    from megatron_patch.conversion.vlm import convert_vlm_mcore_to_hf, vlm_family
-
     vlm = vlm_family(metadata, template)
     if vlm is not None:  # vision-language: conversion/vlm.py
         return convert_vlm_mcore_to_hf(mcore_dir, out, vlm, metadata, hf_template=hf_template,
@@ -94,7 +67,7 @@ def convert_mcore_to_hf(
             family = family_of(checkpoint.args)
         else:
             family = family_for_hf_config(template)
-        if "vlm" in family.extra:  # only reached without metadata or template
+        if isinstance(family, VisionLanguageFamily):  # only without metadata or template
             raise ConversionError(f"{directory}: a {family.name} checkpoint without conversion "
                                   "metadata; pass the original model directory as --hf-template")
         args = single_stage_args(checkpoint.args, family)

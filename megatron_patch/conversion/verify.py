@@ -22,6 +22,10 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
+from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.conversion.ranks import max_abs_diff, rank_device
+from megatron_patch.conversion.verify_vlm import compare_vlm_logits
+from megatron_patch.conversion.vlm import vlm_family
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.checkpoint import load_megatron_checkpoint
@@ -46,14 +50,8 @@ def hf_logits(hf_dir: str | Path, tokens: torch.Tensor) -> torch.Tensor:
     return logits
 
 
-def _device() -> torch.device:
-    """Where Megatron's tensors live (and what the collectives need): the GPU, else the CPU."""
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
-        else torch.device("cpu")
-
-
 def _forward_step(data_iterator, model):
-    tokens, position_ids = (t.to(_device()) for t in next(data_iterator))
+    tokens, position_ids = (t.to(rank_device()) for t in next(data_iterator))
     return model(tokens, position_ids, None), _logits_only
 
 
@@ -90,18 +88,9 @@ def reference_logits(hf_dir: str | Path, tokens: torch.Tensor,
     reference = torch.empty(*tokens.shape, rows)
     if torch.distributed.get_rank() == 0:
         reference = compute(hf_dir, tokens)
-    reference = reference.to(_device())
+    reference = reference.to(rank_device())
     torch.distributed.broadcast(reference, src=0)
     return reference
-
-
-def max_abs_diff(logits: torch.Tensor | None, reference: torch.Tensor) -> float:
-    """Max |logits - reference| over the HF vocabulary, reduced over all ranks."""
-    diff = torch.zeros((), device=reference.device)
-    if logits is not None:
-        diff = (logits[..., : reference.shape[-1]] - reference).abs().max()
-    torch.distributed.all_reduce(diff, op=torch.distributed.ReduceOp.MAX)
-    return float(diff)
 
 
 def random_tokens(vocab: int, batch_size: int, seq_length: int, seed: int = 0) -> torch.Tensor:
@@ -139,12 +128,7 @@ def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
     expert TP ``etp`` (default ``tp``), data parallel over the remaining ranks) and tears it
     down again, so several comparisons can run in one process group.
     """
-    from megatron_patch.conversion.metadata import checkpoint_metadata
-    from megatron_patch.conversion.vlm import vlm_family
-
     if vlm_family(checkpoint_metadata(mcore_dir), load_hf_config(hf_dir)) is not None:
-        from megatron_patch.conversion.verify_vlm import compare_vlm_logits
-
         return compare_vlm_logits(hf_dir, mcore_dir, tp=tp, pp=pp, batch_size=batch_size,
                                   text_length=seq_length, seed=seed)
     world = int(os.environ.get("WORLD_SIZE", "1"))  # what Megatron's arguments read

@@ -1,11 +1,12 @@
 """Logits of a vision-language checkpoint against transformers on the same images and text.
 
-The family's ``verify_batch`` gives both models' inputs (:class:`VerifyBatch`); by default
-(LLaVA) Megatron's input holds one image token per image (the model expands it to the image's
-embeddings) and transformers' holds the token repeated once per embedding, as its processor
-writes it. Both give logits over the same combined sequence. The Megatron side is built and
-loaded as training does (``get_model``, ``load_checkpoint``) at any TP/PP, the vision tower on
-the first pipeline stage.
+The family's :meth:`~megatron_patch.models.common.vision.VisionLanguageFamily.verify_batch`
+gives both models' inputs (:class:`~megatron_patch.models.common.vision.VerifyBatch`); by
+default (LLaVA) Megatron's input holds one image token per image (the model expands it to the
+image's embeddings) and transformers' holds the token repeated once per embedding, as its
+processor writes it. Both give logits over the same combined sequence. The Megatron side is
+built and loaded as training does (``get_model``, ``load_checkpoint``) at any TP/PP, the
+vision tower on the first pipeline stage.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,64 +23,23 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.verify import _device, max_abs_diff
-from megatron_patch.conversion.vlm import vlm_of
+from megatron_patch.conversion.ranks import max_abs_diff, rank_device
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.common.vision import VerifyBatch, VisionLanguageFamily
+from megatron_patch.models.registry import family_for_hf_config
 from megatron_patch.training.checkpoint import load_megatron_checkpoint
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
 
 
-@dataclass
-class VerifyBatch:
-    """One batch for both models: ``megatron`` and ``hf`` are keyword arguments of the
-    Megatron model chunk and of the transformers model; ``seq_length`` is the sequence length
-    the language model sees."""
-
-    megatron: dict[str, torch.Tensor | None]
-    hf: dict[str, torch.Tensor]
-    seq_length: int
-
-
 def verify_batch(hf_config: dict, batch_size: int, text_length: int, seed: int = 0
                  ) -> VerifyBatch:
     """The family's verification batch (the same on every rank)."""
-    from megatron_patch.models.registry import family_for_hf_config
-
-    vlm = vlm_of(family_for_hf_config(hf_config))
-    if vlm.verify_batch is not None:
-        return vlm.verify_batch(hf_config, batch_size, text_length, seed)
-    image_tokens = vlm.image_tokens(hf_config)
-    ids, hf_ids, images = vlm_inputs(hf_config, image_tokens, vlm.image_token_id(hf_config),
-                                     batch_size, text_length, seed)
-    tiles = torch.ones(batch_size, dtype=torch.int)
-    return VerifyBatch(
-        megatron={"images": images, "input_ids": ids, "position_ids": None,
-                  "attention_mask": None, "num_image_tiles": tiles},
-        hf={"input_ids": hf_ids, "pixel_values": images},
-        seq_length=text_length - 1 + image_tokens)
-
-
-def vlm_inputs(hf_config: dict, image_tokens: int, image_token_id: int, batch_size: int,
-               text_length: int, seed: int = 0
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(Megatron token ids, transformers token ids, images): one random image per sample,
-    its token at position ``1 + 2 * sample``; the same on every rank."""
-    generator = torch.Generator().manual_seed(seed)
-    vocab = int(hf_config["text_config"]["vocab_size"])
-    ids = torch.randint(0, vocab, (batch_size, text_length), generator=generator)
-    ids[ids == image_token_id] = 0
-    hf_rows = []
-    for sample in range(batch_size):
-        where = 1 + 2 * sample
-        ids[sample, where] = image_token_id
-        hf_rows.append(torch.cat([ids[sample, :where],
-                                  torch.full((image_tokens,), image_token_id),
-                                  ids[sample, where + 1:]]))
-    size = hf_config["vision_config"].get("image_size", 224)
-    images = torch.randn(batch_size, 3, size, size, generator=generator)
-    return ids, torch.stack(hf_rows), images
+    family = family_for_hf_config(hf_config)
+    if not isinstance(family, VisionLanguageFamily):
+        raise ValueError(f"{family.name} is not a vision-language family")
+    return family.verify_batch(hf_config, batch_size, text_length, seed)
 
 
 def hf_vlm_logits(hf_dir: str | Path, **inputs: torch.Tensor) -> torch.Tensor:
@@ -101,7 +60,7 @@ def _logits_only(output: torch.Tensor, non_loss_data: bool = False) -> torch.Ten
 
 def on_device(inputs: dict[str, torch.Tensor | None]) -> dict[str, torch.Tensor | None]:
     """``inputs`` with every tensor on this rank's device."""
-    return {k: v.to(_device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    return {k: v.to(rank_device()) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
 
 
 def _forward_step(data_iterator, model):
@@ -154,7 +113,7 @@ def compare_vlm_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1
         reference = torch.empty(batch_size, seq_length, rows)
         if torch.distributed.get_rank() == 0:
             reference = hf_vlm_logits(hf_dir, **batch.hf)
-        reference = reference.to(_device())
+        reference = reference.to(rank_device())
         torch.distributed.broadcast(reference, src=0)
         model = build_vlm_model(args)
         load_megatron_checkpoint(model, None, None)

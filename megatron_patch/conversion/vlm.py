@@ -1,4 +1,4 @@
-"""Conversion and verification of vision-language families (``ModelFamily.extra["vlm"]``).
+"""Conversion of vision-language families (:class:`VisionLanguageFamily`).
 
 The text machinery with a multimodal model in place of ``GPTModel``: the layout model is the
 family's Megatron model (vision tower, projector, language model) on the meta device; the
@@ -32,39 +32,43 @@ from megatron_patch.conversion.hf_io import (
     parse_size,
 )
 from megatron_patch.conversion.layout import (
+    check_parallel_layout,
     parse_megatron_args,
     single_process_group,
     single_stage_args,
 )
-from megatron_patch.conversion.metadata import write_checkpoint_metadata
+from megatron_patch.conversion.mcore_io import (
+    checkpoint_directory,
+    open_checkpoint,
+    size_vocabulary,
+    stored_args,
+)
+from megatron_patch.conversion.metadata import TRACKER_FILE, write_checkpoint_metadata
+from megatron_patch.conversion.torch_dist import TorchDistCheckpoint, save_torch_dist
 from megatron_patch.models.builder import transformer_config_from_args
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.models.common.vision import VisionLanguage
+from megatron_patch.models.common.vision import VisionLanguageFamily
 from megatron_patch.models.registry import (
     HFConfig,
-    ModelFamily,
     family_for_hf_config,
     get_family,
 )
+from megatron_patch.parallel_layout import ParallelLayout
 
 UNUSED_FILE = "hf_unused.safetensors"
 EMBEDDING = "language_model.embedding.word_embeddings.weight"
 _LAYER = re.compile(r"^(\w+)\.decoder\.layers\.(\d+)\.")
 
 
-def vlm_of(family: ModelFamily) -> VisionLanguage | None:
-    """The family's vision-language hooks, None for a text family."""
-    return family.extra.get("vlm")
-
-
-def vlm_family(metadata: dict | None, hf_config: HFConfig | None) -> ModelFamily | None:
+def vlm_family(metadata: dict | None, hf_config: HFConfig | None
+               ) -> VisionLanguageFamily | None:
     """The vision-language family named by conversion metadata or an HF config, else None."""
     try:
         family = get_family(metadata["family"]) if metadata else \
             family_for_hf_config(hf_config) if hf_config else None
     except ValueError:  # not a registered family: the text path reports it
         return None
-    return family if family is not None and vlm_of(family) is not None else None
+    return family if isinstance(family, VisionLanguageFamily) else None
 
 
 @dataclasses.dataclass
@@ -72,7 +76,7 @@ class VLMLayout:
     """A vision-language model (TP=1, PP=1, meta device); duck-types ``MegatronLayout`` for the
     ``torch_dist`` reader and writer."""
 
-    family: ModelFamily
+    family: VisionLanguageFamily
     args: Any
     config: Any
     model: torch.nn.Module
@@ -96,8 +100,8 @@ class VLMLayout:
         """The family's rules for a checkpoint with HF tensors ``hf_names``."""
         tied = not self.args.untie_embeddings_and_output_weights
         padded = self.args.padded_vocab_size
-        rules = vlm_of(self.family).rules(self.hf_config, self.config, tied, hf_names,
-                                          hf_rows, padded)
+        rules = self.family.weight_rules(self.hf_config, self.config, tied, hf_names, hf_rows,
+                                         padded)
         shapes = {name: p.shape for name, p in self.parameters.items()}
         return WeightMap(rules, shapes, self.config, Vocab(hf_rows=hf_rows, padded=padded))
 
@@ -112,27 +116,27 @@ class _MetaStaysMeta(torch.overrides.TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_vlm_layout(args: Any, family: ModelFamily, hf_config: HFConfig,
+def build_vlm_layout(args: Any, family: VisionLanguageFamily, hf_config: HFConfig,
                      dtype: torch.dtype) -> VLMLayout:
     """The layout model (needs an initialised TP=1, PP=1 state)."""
     config = dataclasses.replace(transformer_config_from_args(args), params_dtype=dtype,
                                  perform_initialization=False, use_cpu_initialization=True)
     with torch.device("meta"), _MetaStaysMeta():
-        model = vlm_of(family).build(hf_config, args, config, True, True, True,
-                                     transformer_engine=False)
+        model = family.build(hf_config, args, config, True, True, True,
+                             transformer_engine=False)
     return VLMLayout(family, args, config, model, hf_config)
 
 
-def _embedding_rows(family: ModelFamily, hf_config: HFConfig, config: Any, names: list[str],
-                    reader: HFCheckpoint) -> int:
-    rules = vlm_of(family).rules(hf_config, config, True, names, 0, 0)
+def _embedding_rows(family: VisionLanguageFamily, hf_config: HFConfig, config: Any,
+                    names: list[str], reader: HFCheckpoint) -> int:
+    rules = family.weight_rules(hf_config, config, True, names, 0, 0)
     hf = next(r for r in rules if r.megatron == EMBEDDING).hf_names(None)[0]
     if hf not in reader.names:
         raise ConversionError(f"{reader.hf_dir}: missing {hf!r}")
     return reader.shape(hf)[0]
 
 
-def convert_vlm_hf_to_mcore(hf_dir: str | Path, out: str | Path, family: ModelFamily, *,
+def convert_vlm_hf_to_mcore(hf_dir: str | Path, out: str | Path, family: VisionLanguageFamily, *,
                             tp: int = 1, pp: int = 1, dtype: str | torch.dtype | None = None,
                             make_vocab_size_divisible_by: int = 128,
                             ckpt_format: str = "torch_dist", progress: bool = True,
@@ -144,21 +148,13 @@ def convert_vlm_hf_to_mcore(hf_dir: str | Path, out: str | Path, family: ModelFa
     if given:
         raise ConversionError(f"{', '.join(given)}: not supported for vision-language models "
                               "(a torch_dist checkpoint loads at any TP/PP)")
-    from megatron_patch.conversion.hf_to_mcore import (
-        TRACKER_FILE,
-        _check_parallel,
-        _saved_args,
-        size_vocabulary,
-    )
-    from megatron_patch.conversion.torch_dist import save_torch_dist
-
     if ckpt_format != "torch_dist":
         raise ConversionError(f"--format {ckpt_format}: vision-language models are written as "
                               "torch_dist only (it loads at any TP/PP)")
     hf_dir = Path(hf_dir)
     hf_config = load_hf_config(hf_dir)
     model_args = family.hf_to_megatron(hf_config)
-    _check_parallel(model_args, tp, pp, None)
+    check_parallel_layout(model_args, ParallelLayout(tp=tp, pp=pp, sp=None))
     reader = HFCheckpoint(hf_dir)
     layout_values = {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp}
     with atomic_directory(out) as scratch, single_process_group(scratch):
@@ -174,7 +170,7 @@ def convert_vlm_hf_to_mcore(hf_dir: str | Path, out: str | Path, family: ModelFa
         out_dtype = parse_dtype(dtype) if dtype else hf_dtype
         layout = build_vlm_layout(args, family, hf_config, out_dtype)
         weights = layout.weight_map(reader.names, vocab.hf_vocab_rows)
-        unused = vlm_of(family).unused(hf_config, reader.names)
+        unused = family.unused_tensors(hf_config, reader.names)
         check_hf_names(weights.all_hf_names(), sorted(set(reader.names) - set(unused)),
                        str(hf_dir))
 
@@ -184,7 +180,7 @@ def convert_vlm_hf_to_mcore(hf_dir: str | Path, out: str | Path, family: ModelFa
 
         release = scratch / "release"
         release.mkdir()
-        common = {"args": _saved_args(args, layout_values, out_dtype),
+        common = {"args": stored_args(args, layout_values, out_dtype),
                   "checkpoint_version": 3.0, "iteration": 0}
         save_torch_dist(layout, release, source, common, progress)
         if unused:
@@ -202,7 +198,7 @@ def convert_vlm_hf_to_mcore(hf_dir: str | Path, out: str | Path, family: ModelFa
     return Path(out)
 
 
-def convert_vlm_mcore_to_hf(mcore_dir: str | Path, out: str | Path, family: ModelFamily,
+def convert_vlm_mcore_to_hf(mcore_dir: str | Path, out: str | Path, family: VisionLanguageFamily,
                             metadata: dict, *, hf_template: str | Path | None = None,
                             dtype: str | None = None, max_shard_size: int | str = "5GB",
                             progress: bool = True) -> Path:
@@ -212,9 +208,6 @@ def convert_vlm_mcore_to_hf(mcore_dir: str | Path, out: str | Path, family: Mode
     needed); the never-read HF tensors from ``hf_unused.safetensors`` or the template's
     weights.
     """
-    from megatron_patch.conversion.mcore_to_hf import checkpoint_directory, open_checkpoint
-    from megatron_patch.conversion.torch_dist import TorchDistCheckpoint
-
     mcore_dir = Path(mcore_dir)
     template = Path(hf_template) if hf_template else None
     hf_config = load_hf_config(template) if template else metadata.get("hf_config")
@@ -245,7 +238,7 @@ def convert_vlm_mcore_to_hf(mcore_dir: str | Path, out: str | Path, family: Mode
             for name in group:
                 for hf_name, tensor in weights.to_hf(name, tensors.pop(name)).items():
                     writer.add(hf_name, tensor.to(out_dtype))
-        unused = vlm_of(family).unused(hf_config, names)
+        unused = family.unused_tensors(hf_config, names)
         if unused:
             extra = _unused_tensors(unused_source, template, unused)
             for hf_name in unused:

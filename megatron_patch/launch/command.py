@@ -21,7 +21,7 @@ from megatron_patch.launch.settings import (
     LaunchError,
     RunSettings,
 )
-from megatron_patch.models.common.head_split import model_kv_split_problem
+from megatron_patch.parallel_layout import LauncherWording, ParallelLayout
 from megatron_patch.runtime.backends import Backends, flash_attention_backend
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -106,40 +106,42 @@ def _topology(settings: RunSettings, backends: Backends, dry_run: bool,
     return Topology(layout, int(nproc) * nodes, assumed)
 
 
+# The launcher's names of the layout's sizes (its settings and named flags).
+LAUNCHER_NAMES = {"tp": "TP", "pp": "PP", "vpp": "VPP", "cp": "CP", "ep": "EP", "etp": "ETP",
+                  "expert_tp": "ETP", "sp": "SP", "dp": "DP", "micro_batch": "BATCH_SIZE",
+                  "global_batch": "GLOBAL_BATCH_SIZE", "seq": "SEQ_LEN"}
+LAUNCHER_FIELDS = {"num_attention_heads": "the {} attention heads",
+                   "num_query_groups": "the {} key/value heads", "num_layers": "the {} layers",
+                   "ffn_hidden_size": "the FFN size {} (ffn_hidden_size)",
+                   "num_experts": "the {} experts",
+                   "moe_ffn_hidden_size": "the expert FFN size {} (moe_ffn_hidden_size)"}
+
+
+def run_layout(settings: RunSettings, world: int) -> ParallelLayout:
+    """The parallel layout of a launch on ``world`` processes."""
+    s = settings
+    return ParallelLayout(tp=s.tp, pp=s.pp, vpp=s.vpp if s.vpp > 1 else None, cp=s.cp, ep=s.ep,
+                          etp=s.etp, sp=s.sp, world=world, micro_batch=s.batch_size,
+                          global_batch=s.global_batch_size, seq=s.seq_len)
+
+
 def validate(settings: RunSettings, model: dict, world: int, backends: Backends,
              as_notes: tuple[str, ...] = ()) -> list[str]:
     """Refuse a combination Megatron would reject (or run wrongly) later, naming the fix.
 
     ``model`` holds the Megatron argument values of the model size, ``world`` the process count.
+    The parallel-layout rules are :class:`~megatron_patch.parallel_layout.ParallelLayout`'s.
     Failed checks of the kinds in ``as_notes`` (``WORLD``, ``HARDWARE``) are returned instead.
     """
     s = settings
-    model_parallel = s.tp * s.pp * s.cp
-    heads, layers = model["num_attention_heads"], model["num_layers"]
-    experts = model.get("num_experts")
-    kv_problem = model_kv_split_problem(model, s.tp)
-    data_parallel = max(1, world // model_parallel)
-    microbatches = s.global_batch_size // (s.batch_size * data_parallel)
     positions = model.get("max_position_embeddings") or s.seq_len
+    wording = LauncherWording(LAUNCHER_NAMES, LAUNCHER_FIELDS, model=f"MODEL_SIZE={s.model_size}")
     checks = [
         (None, s.seq_len <= positions,
          f"SEQ_LEN={s.seq_len} exceeds the model's {positions} positions "
          "(max_position_embeddings); use --seq-len (SEQ_LEN/PAD_LEN) of at most that"),
-        (WORLD, world % model_parallel == 0,
-         f"{world} processes are not divisible by TP*PP*CP={s.tp}*{s.pp}*{s.cp}"),
-        (None, heads % s.tp == 0, f"TP={s.tp} must divide the {heads} attention heads"),
-        (None, kv_problem is None, f"TP={s.tp}: {kv_problem}"),
-        (None, layers % (s.pp * s.vpp) == 0,
-         f"PP*VPP={s.pp}*{s.vpp} must divide the {layers} layers" if s.vpp > 1 else
-         f"PP={s.pp} must divide the {layers} layers"),
-        (None, s.vpp == 1 or s.pp > 1, f"VPP={s.vpp} (interleaved pipeline) needs PP>1"),
-        (None, not s.sp or s.tp > 1, "SP=true needs TP>1"),
-        (None, not s.sp or s.seq_len % s.tp == 0,
-         f"SP=true splits the sequence over TP: SEQ_LEN={s.seq_len} must be a multiple of "
-         f"TP={s.tp}"),
-        (None, s.seq_len % (2 * s.cp) == 0,
-         f"CP={s.cp} splits each sequence into 2*CP chunks: SEQ_LEN={s.seq_len} must be a "
-         f"multiple of {2 * s.cp}"),
+        *((WORLD if problem.needs_world else None, False, problem.message(wording))
+          for problem in run_layout(s, world).problems(model)),
         (HARDWARE, s.pr != "fp8" or backends.transformer_engine
          or importlib.util.find_spec("torchao") is not None,
          "PR=fp8 needs Transformer Engine or torchao (pip install 'megatron-patch[fp8]')"),
@@ -148,22 +150,6 @@ def validate(settings: RunSettings, model: dict, world: int, backends: Backends,
         (None, s.warmup_iters < s.train_iters,
          f"the {s.warmup_iters} warm-up iterations must be fewer than the {s.train_iters} "
          "training iterations (WARMUP_TOKENS/TRAIN_TOKENS or --warmup-iters/--train-iters)"),
-        (None, experts or (s.ep == 1 and s.etp is None),
-         f"EP={s.ep}/ETP={s.etp} need a mixture-of-experts model; MODEL_SIZE={s.model_size} "
-         "has no experts"),
-        (None, not experts or experts % s.ep == 0,
-         f"EP={s.ep} must divide the {experts} experts"),
-        (WORLD, not experts or world % (s.ep * s.expert_tp * s.pp) == 0,
-         f"{world} processes are not divisible by EP*ETP*PP={s.ep}*{s.expert_tp}*{s.pp}"),
-        (None, not experts or s.ep == 1 or s.tp == 1 or s.sp,
-         f"EP={s.ep} with TP={s.tp} needs SP=true (Megatron's expert dispatch expects "
-         "sequence-parallel tokens)"),
-        (WORLD, s.global_batch_size % (s.batch_size * data_parallel) == 0,
-         f"GLOBAL_BATCH_SIZE={s.global_batch_size} must be a multiple of "
-         f"BATCH_SIZE*DP={s.batch_size}*{data_parallel}"),
-        (WORLD, s.vpp == 1 or microbatches % s.pp == 0,
-         f"VPP={s.vpp} needs the {microbatches} micro-batches per step "
-         f"(GLOBAL_BATCH_SIZE/(BATCH_SIZE*DP)) to be a multiple of PP={s.pp}"),
     ]
     notes = []
     for kind, ok, message in checks:

@@ -12,6 +12,7 @@ from megatron.training.arguments import core_transformer_config_from_args
 
 from megatron_patch.models.common.architecture import PatchTransformerConfig
 from megatron_patch.models.common.gpt_model import PatchGPTModel
+from megatron_patch.models.common.vision import VisionLanguageFamily
 from megatron_patch.models.registry import ModelFamily, get_family
 from megatron_patch.runtime.gpu_fast_paths import install_wgrad_accumulation
 
@@ -57,11 +58,9 @@ def build_gpt_model(
     uses them when installed.
     """
     family = family_from_args(args)
-    if "vlm" in family.extra:  # vision-language: Megatron-Core's multimodal model
-        from megatron_patch.models.common.vision import build_vlm_chunk
-
-        return build_vlm_chunk(family, args, config, pre_process, post_process, vp_stage,
-                               transformer_engine)
+    if isinstance(family, VisionLanguageFamily):  # a multimodal model: tower, projector, LM
+        return family.build_chunk(args, config, pre_process, post_process, vp_stage,
+                                  transformer_engine)
     return PatchGPTModel(
         config=config,
         transformer_layer_spec=family.decoder_spec(config, vp_stage, transformer_engine),

@@ -9,63 +9,60 @@ from __future__ import annotations
 
 import argparse
 
-from megatron_patch.models.common.head_split import model_kv_split_problem
+from megatron_patch.parallel_layout import REFUSED, ParallelLayout, Wording
 
 
 class ConfigError(ValueError):
     """A combination of training flags that cannot run; the message names the flags."""
 
 
-def _divides(divisor: int, value: int | None) -> bool:
-    return value is None or value % divisor == 0
+# Megatron's flags for the layout's sizes and the model's fields.
+MEGATRON_NAMES = {
+    "tp": "--tensor-model-parallel-size", "pp": "--pipeline-model-parallel-size",
+    "vpp": "--num-virtual-stages-per-pipeline-rank", "cp": "--context-parallel-size",
+    "ep": "--expert-model-parallel-size", "etp": "--expert-tensor-parallel-size",
+    "expert_tp": "--expert-tensor-parallel-size", "sp": "--sequence-parallel",
+    "dp": "{} data-parallel ranks", "micro_batch": "--micro-batch-size",
+    "global_batch": "--global-batch-size", "seq": "--seq-length",
+    "uneven": "--decoder-first/last-pipeline-num-layers"}
+MEGATRON_FIELDS = {"num_attention_heads": "--num-attention-heads {}",
+                   "num_query_groups": "--num-query-groups {}", "num_layers": "--num-layers {}",
+                   "ffn_hidden_size": "--ffn-hidden-size {}", "num_experts": "--num-experts {}",
+                   "moe_ffn_hidden_size": "--moe-ffn-hidden-size {}"}
+MEGATRON_WORDING = Wording(MEGATRON_NAMES, MEGATRON_FIELDS, model="this model",
+                           fields_are_flags=True)
+
+
+def args_layout(args: argparse.Namespace) -> ParallelLayout:
+    """The parallel layout of Megatron's parsed (not yet validated) arguments."""
+    uneven = (args.decoder_first_pipeline_num_layers is not None
+              or args.decoder_last_pipeline_num_layers is not None
+              or bool(getattr(args, "pipeline_model_parallel_layout", None)))
+    return ParallelLayout(
+        tp=args.tensor_model_parallel_size, pp=args.pipeline_model_parallel_size,
+        vpp=args.num_virtual_stages_per_pipeline_rank, cp=args.context_parallel_size,
+        ep=args.expert_model_parallel_size, etp=args.expert_tensor_parallel_size,
+        sp=args.sequence_parallel, world=args.world_size, micro_batch=args.micro_batch_size,
+        global_batch=args.global_batch_size, seq=args.seq_length, uneven=uneven)
 
 
 def _parallel_problems(args: argparse.Namespace) -> list[str]:
-    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    cp = args.context_parallel_size
-    model_parallel = tp * pp * cp
-    problems = []
-    if args.world_size % model_parallel:
-        problems.append(f"{args.world_size} processes are not divisible by --tensor-model-"
-                        f"parallel-size {tp} x --pipeline-model-parallel-size {pp} x "
-                        f"--context-parallel-size {cp} = {model_parallel}")
-    if cp > 1 and args.seq_length % (2 * cp):
-        problems.append(f"--context-parallel-size {cp} splits each sequence into {2 * cp} "
-                        f"chunks: --seq-length {args.seq_length} must be a multiple of {2 * cp}")
+    """The layout's refusals (settings Megatron ignores, and what only a training step of a
+    text model refuses, are left to Megatron: see :mod:`megatron_patch.parallel_layout`)."""
+    return [problem.message(MEGATRON_WORDING)
+            for problem in args_layout(args).problems(vars(args)) if problem.kind == REFUSED]
+
+
+def _model_problems(args: argparse.Namespace) -> list[str]:
+    """Attention shapes Megatron's ``validate_args`` asserts without a message."""
     heads = args.num_attention_heads
     groups = args.num_query_groups if args.group_query_attention else heads
-    for flag, value in (("--num-attention-heads", heads),
-                        ("--ffn-hidden-size", args.ffn_hidden_size)):
-        if not _divides(tp, value):
-            problems.append(f"--tensor-model-parallel-size {tp} must divide {flag} {value}")
-    kv_problem = model_kv_split_problem(vars(args), tp)
-    if kv_problem:
-        problems.append(f"--tensor-model-parallel-size {tp} with --num-query-groups {groups}: "
-                        f"{kv_problem}")
+    problems = []
     if groups and heads and heads % groups:
         problems.append(f"--num-query-groups {groups} must divide --num-attention-heads {heads}")
     if args.kv_channels is None and heads and args.hidden_size % heads:
         problems.append(f"--num-attention-heads {heads} must divide --hidden-size "
                         f"{args.hidden_size} (or give --kv-channels)")
-    uneven = (args.decoder_first_pipeline_num_layers is not None
-              or args.decoder_last_pipeline_num_layers is not None
-              or getattr(args, "pipeline_model_parallel_layout", None))
-    if not uneven and args.num_layers and args.num_layers % pp:
-        problems.append(f"--pipeline-model-parallel-size {pp} must divide --num-layers "
-                        f"{args.num_layers} (or give --decoder-first/last-pipeline-num-layers)")
-    vpp = args.num_virtual_stages_per_pipeline_rank
-    if vpp and pp == 1:
-        problems.append("a virtual pipeline (--num-virtual-stages-per-pipeline-rank) needs "
-                        "--pipeline-model-parallel-size > 1")
-    elif vpp and not uneven and args.num_layers and args.num_layers % (pp * vpp):
-        problems.append(f"--num-layers {args.num_layers} must be a multiple of "
-                        f"--pipeline-model-parallel-size {pp} x {vpp} virtual stages")
-    if args.world_size % model_parallel == 0 and args.global_batch_size:
-        dp = args.world_size // model_parallel
-        if args.global_batch_size % (args.micro_batch_size * dp):
-            problems.append(f"--global-batch-size {args.global_batch_size} must be a multiple of "
-                            f"--micro-batch-size {args.micro_batch_size} x {dp} data-parallel "
-                            "ranks")
     return problems
 
 
@@ -87,6 +84,6 @@ def check_training_config(args: argparse.Namespace) -> None:
     Runs on Megatron's parsed (not yet validated) arguments, so on every rank before anything
     heavy (process groups, model, data) starts.
     """
-    problems = _parallel_problems(args) + _loop_problems(args)
+    problems = _parallel_problems(args) + _model_problems(args) + _loop_problems(args)
     if problems:
         raise ConfigError("invalid training configuration:\n  " + "\n  ".join(problems))

@@ -16,6 +16,7 @@ import torch
 from megatron_patch.conversion.layout import parse_megatron_args
 from megatron_patch.conversion.verify_vlm import build_vlm_model
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.registry import get_family
 from megatron_patch.tokenizer import TinyTokenizer
 from megatron_patch.training import vlm
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
@@ -38,15 +39,17 @@ def main(hf_dir: str, mcore_dir: str, out: str) -> None:
         tokenizer, hf = TinyTokenizer(), load_hf_config(hf_dir)
         data = ASSETS / "tiny_vlm_chat.jsonl"
         args.sft_packing = False
-        plain = vlm.TRAINING["qwen2_vl"].data(args, tokenizer, hf, None)(data)
+        family = get_family("qwen2_vl")
+        plain = vlm.sft_dataset(args, tokenizer, hf, family)(data)
         args.sft_packing = True
-        packed = vlm.TRAINING["qwen2_vl"].data(args, tokenizer, hf, None)(data)
+        packed = vlm.sft_dataset(args, tokenizer, hf, family)(data)
         rows = [r for r in range(len(packed)) if len(packed.rows[r]) > 1][:2]
         samples = [k for r in rows for k in packed.rows[r]]
         batch = packed.collate([packed[r] for r in rows])
         with torch.no_grad():
-            together, _ = vlm.qwen2_vl_forward_step(iter([batch]), model)
-            alone, _ = vlm.qwen2_vl_forward_step(
+            forward_step = vlm.forward_step_for(family)
+            together, _ = forward_step(iter([batch]), model)
+            alone, _ = forward_step(
                 iter([plain.collate([plain[k] for k in samples])]), model)
             images = batch["image_grid_thw"]
             crossing = model(input_ids=batch["tokens"].reshape(1, -1),

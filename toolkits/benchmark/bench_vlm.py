@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
         os.environ.setdefault(key, value)
 
     from megatron_patch.arguments import parse_training_args
+    from megatron_patch.models.registry import get_family
     from megatron_patch.training import loop
     from megatron_patch.training.initialize import initialize
     from megatron_patch.training.pretrain import set_padded_vocab
-    from megatron_patch.training.vlm import TRAINING
+    from megatron_patch.training.vlm import forward_step_for
 
     cuda = torch.cuda.is_available()
     make_config, make_batches, family = FAMILIES[args.family]
@@ -194,7 +195,7 @@ def main(argv: list[str] | None = None) -> dict:
     loop._configure_model_hooks(state)
     device = torch.device("cuda" if cuda else "cpu")
     batches, patches = make_batches(config, args.mbs, args.seq, args.image_size, device)
-    forward_step = TRAINING[family].forward_step
+    forward_step = forward_step_for(get_family(family))
     times = []
     for step in range(args.warmup + args.iters):
         if cuda:

@@ -1,4 +1,5 @@
-"""Shared pieces of vision-language families: vision-tower configs and specs, rule helpers.
+"""Vision-language families (:class:`VisionLanguageFamily`) and their shared pieces:
+vision-tower configs and specs, rule helpers.
 
 A vision-language model is Megatron-Core's ``LLaVAModel`` (vision tower, projector, language
 model), or a family's own module of the same parts (Qwen2-VL:
@@ -40,6 +41,7 @@ from megatron_patch.conversion.mapping import (
 )
 from megatron_patch.models.common.norm import PatchNorm
 from megatron_patch.models.common.spec import build_layer_spec
+from megatron_patch.models.registry import HFConfig, ModelFamily
 
 _HF_FIELDS = ("hf", "q", "k", "v", "gate", "up")
 
@@ -232,36 +234,134 @@ def used_vision_layers(num_layers: int, feature_layer: int) -> int:
     return used
 
 
-@dataclass(frozen=True)
-class VisionLanguage:
-    """What conversion, verification and training need of a vision-language family
-    (``ModelFamily.extra["vlm"]``); every callable takes the HF ``config.json`` first.
+# The language model's vocabulary-sized parameters inside a vision-language model.
+EMBEDDING_ROWS = ("language_model.embedding.word_embeddings.weight",
+                  "language_model.output_layer.weight")
+
+
+@dataclass
+class VerifyBatch:
+    """One batch for both models of ``verify``: ``megatron`` and ``hf`` are keyword arguments
+    of the Megatron model chunk and of the transformers model; ``seq_length`` is the sequence
+    length the language model sees."""
+
+    megatron: dict[str, torch.Tensor | None]
+    hf: dict[str, torch.Tensor]
+    seq_length: int
+
+
+def _no_text_rules(config: TransformerConfig, tied: bool) -> list[Rule]:
+    """A vision-language family's rules depend on the checkpoint: see
+    :meth:`VisionLanguageFamily.weight_rules`."""
+    return []
+
+
+def _none_unused(hf_config: HFConfig, hf_names: list[str]) -> list[str]:
+    return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class VisionLanguageFamily(ModelFamily):
+    """A vision-language family: a registered text family's language model with a vision
+    tower and a projector, built as one multimodal Megatron-Core model. Model building,
+    conversion, verification and training dispatch on its methods (``isinstance(family,
+    VisionLanguageFamily)``); every callable field takes the HF ``config.json`` first.
+
+    ``hf_to_megatron`` gives the language model's Megatron arguments; the tower and projector
+    are built from ``config.json`` (which the converted checkpoint records), so
+    ``megatron_to_hf`` refuses and export needs that config.
 
     Attributes:
-        text_family: the registered family of the language model.
-        rules: ``(hf_config, lm_config, tied, hf_names, hf_rows, padded)`` -> the weight
-            mapping against the checkpoint's HF names (naming conventions differ by
-            transformers version), vocabulary rows padded from ``hf_rows`` to ``padded``.
-        unused: ``(hf_config, hf_names)`` -> HF tensors the model never reads (vision layers
-            after the feature layer, the tower's last norm); kept beside the checkpoint.
+        text_family: ``hf_config`` -> the registered family of the language model.
+        language_names: the checkpoint's HF tensor names -> the function that moves the text
+            family's HF names (``model.*``, ``lm_head.*``) to where this checkpoint keeps them
+            (transformers' layouts differ by version).
+        vision_rules: ``(hf_config, lm_config, hf_names)`` -> the rules of the vision tower
+            and the projector for a checkpoint with HF tensors ``hf_names``.
+        unused_tensors: ``(hf_config, hf_names)`` -> HF tensors the model never reads (vision
+            layers after the feature layer, the tower's last norm); kept beside the checkpoint.
         build: ``(hf_config, args, lm_config, pre_process, post_process, add_encoder,
-            vp_stage, transformer_engine)`` -> the Megatron model chunk.
-        image_tokens: embeddings each image contributes to the language model's sequence; None
-            where it depends on the image (Qwen2-VL's dynamic resolution).
-        image_token_id: the token id of the image placeholder.
-        verify_batch: ``(hf_config, batch_size, text_length, seed)`` -> the random image+text
-            batch ``verify`` feeds both models
-            (:class:`~megatron_patch.conversion.verify_vlm.VerifyBatch`); None: one image of
-            ``image_tokens`` embeddings per sample behind one placeholder (LLaVA).
+            vp_stage, transformer_engine)`` -> the Megatron model chunk (tower and projector
+            with ``add_encoder``).
+        image_token_id: ``hf_config`` -> the token id of the image placeholder.
+        image_tokens: ``hf_config`` -> the embeddings each image adds to the language model's
+            sequence (square images, one placeholder each that the model expands); None where
+            it depends on the image (dynamic resolution: the data expands each image).
+        verify_inputs: ``(hf_config, batch_size, text_length, seed)`` -> the
+            :class:`VerifyBatch` of random images and text ``verify`` feeds both models; None:
+            one image per sample behind one placeholder (:meth:`verify_batch`).
+        training_forward: ``(model, batch)`` -> ``(output, loss_mask)``: one micro-batch of the
+            family's SFT data through the model chunk (the loss mask of its output sequence).
+        packing: whether training takes packed rows (``--sft-packing``).
     """
 
-    text_family: Callable[[dict], Any]
-    rules: Callable[..., list[Rule]]
-    unused: Callable[[dict, list[str]], list[str]]
+    weight_mappings: Callable[[TransformerConfig, bool], list] = _no_text_rules
+    text_family: Callable[[HFConfig], ModelFamily]
+    language_names: Callable[[list[str]], Callable[[str], str]]
+    vision_rules: Callable[[HFConfig, TransformerConfig, list[str]], list[Rule]]
     build: Callable[..., torch.nn.Module]
-    image_tokens: Callable[[dict], int] | None
-    image_token_id: Callable[[dict], int]
-    verify_batch: Callable[..., Any] | None = None
+    image_token_id: Callable[[HFConfig], int]
+    training_forward: Callable[[torch.nn.Module, dict], tuple[torch.Tensor, torch.Tensor]]
+    image_tokens: Callable[[HFConfig], int] | None = None
+    unused_tensors: Callable[[HFConfig, list[str]], list[str]] = _none_unused
+    verify_inputs: Callable[..., VerifyBatch] | None = None
+    packing: bool = False
+
+    @property
+    def dynamic_resolution(self) -> bool:
+        """Whether images keep their size and the data expands each one into its patches."""
+        return self.image_tokens is None
+
+    def weight_rules(self, hf_config: HFConfig, lm: TransformerConfig, tied: bool,
+                     hf_names: list[str], hf_rows: int, padded: int) -> list[Rule]:
+        """The weight mapping against a checkpoint holding HF tensors ``hf_names``: the text
+        family's rules under ``language_model.`` (vocabulary rows padded from ``hf_rows`` to
+        ``padded``), then the tower's and projector's."""
+        text = renamed(self.text_family(hf_config).weight_mappings(lm, tied), "language_model.",
+                       self.language_names(hf_names))
+        return (vocab_rows(text, EMBEDDING_ROWS, hf_rows, padded)
+                + self.vision_rules(hf_config, lm, hf_names))
+
+    def build_chunk(self, args: Any, config: TransformerConfig, pre_process: bool,
+                    post_process: bool, vp_stage: int | None = None,
+                    transformer_engine: bool | None = None) -> torch.nn.Module:
+        """One chunk of the model for a run's ``args``, the vision tower and projector on the
+        first stage, with ``--freeze-LM`` / ``--freeze-ViT`` / ``--freeze-projector``
+        applied."""
+        model = self.build(vlm_hf_config(args), args, config, pre_process, post_process,
+                           pre_process, vp_stage, transformer_engine)
+        model.freeze(freeze_language_model=getattr(args, "freeze_lm", False),
+                     freeze_vision_model=getattr(args, "freeze_vit", False),
+                     freeze_vision_projection=getattr(args, "freeze_projector", False))
+        return model
+
+    def verify_batch(self, hf_config: HFConfig, batch_size: int, text_length: int,
+                     seed: int = 0) -> VerifyBatch:
+        """Random images and text for ``verify`` (the same on every rank): the family's
+        ``verify_inputs``, else one image per sample, its placeholder at ``1 + 2 * sample``:
+        once in Megatron's input (the model expands it), ``image_tokens`` times in
+        transformers' (as its processor writes it)."""
+        if self.verify_inputs is not None:
+            return self.verify_inputs(hf_config, batch_size, text_length, seed)
+        image_tokens, token = self.image_tokens(hf_config), self.image_token_id(hf_config)
+        generator = torch.Generator().manual_seed(seed)
+        vocab = int(hf_config["text_config"]["vocab_size"])
+        ids = torch.randint(0, vocab, (batch_size, text_length), generator=generator)
+        ids[ids == token] = 0
+        hf_rows = []
+        for sample in range(batch_size):
+            where = 1 + 2 * sample
+            ids[sample, where] = token
+            hf_rows.append(torch.cat([ids[sample, :where], torch.full((image_tokens,), token),
+                                      ids[sample, where + 1:]]))
+        size = hf_config["vision_config"].get("image_size", 224)
+        images = torch.randn(batch_size, 3, size, size, generator=generator)
+        tiles = torch.ones(batch_size, dtype=torch.int)
+        return VerifyBatch(
+            megatron={"images": images, "input_ids": ids, "position_ids": None,
+                      "attention_mask": None, "num_image_tiles": tiles},
+            hf={"input_ids": torch.stack(hf_rows), "pixel_values": images},
+            seq_length=text_length - 1 + image_tokens)
 
 
 class _DropLLaVANotice(logging.Filter):
@@ -318,16 +418,3 @@ def vlm_hf_config(args: Any) -> dict:
         raise ValueError("a vision-language model needs its HF config.json: pass "
                          "--hf-config-path, or --load a checkpoint converted by megatron-patch")
     return meta["hf_config"]
-
-
-def build_vlm_chunk(family: Any, args: Any, config: TransformerConfig, pre_process: bool,
-                    post_process: bool, vp_stage: int | None = None,
-                    transformer_engine: bool | None = None) -> torch.nn.Module:
-    """One chunk of a vision-language model, the vision tower and projector on the first
-    stage, with ``--freeze-LM`` / ``--freeze-ViT`` / ``--freeze-projector`` applied."""
-    model = family.extra["vlm"].build(vlm_hf_config(args), args, config, pre_process,
-                                      post_process, pre_process, vp_stage, transformer_engine)
-    model.freeze(freeze_language_model=getattr(args, "freeze_lm", False),
-                 freeze_vision_model=getattr(args, "freeze_vit", False),
-                 freeze_vision_projection=getattr(args, "freeze_projector", False))
-    return model

@@ -12,8 +12,10 @@ embedding, as in transformers.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -23,13 +25,11 @@ from megatron_patch.models.common.vision import (
     VISION_ACTIVATIONS,
     ClassToken,
     PatchLLaVAModel,
-    VisionLanguage,
+    VisionLanguageFamily,
     bidirectional_layer_spec,
     encoder_config,
-    renamed,
     used_vision_layers,
     vit_layer_rules,
-    vocab_rows,
 )
 from megatron_patch.models.registry import HFConfig, ModelFamily, get_family, register_family
 
@@ -39,8 +39,6 @@ _TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}
 _VIT_NAMES = {"norm1": "layer_norm1", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
               "v": "self_attn.v_proj", "o": "self_attn.out_proj", "norm2": "layer_norm2",
               "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
-_EMBEDDING_ROWS = ("language_model.embedding.word_embeddings.weight",
-                   "language_model.output_layer.weight")
 
 
 def _pick(hf: HFConfig, field: str, allowed: dict | tuple, default: Any) -> Any:
@@ -137,18 +135,22 @@ def _vision_config(hf: HFConfig, lm: TransformerConfig) -> TransformerConfig:
         gated_linear_unit=False, activation_func=v["act"], vision_model_type=v["tower"])
 
 
-def rules(hf: HFConfig, lm: TransformerConfig, tied: bool, names: list[str], hf_rows: int,
-          padded: int) -> list[Rule]:
-    """The LLaVA weight mapping for a checkpoint holding HF tensors ``names``."""
-    p, v = _hf_prefixes(names), vision(hf)
+def language_names(names: list[str]) -> Callable[[str], str]:
+    """Where this checkpoint keeps the text family's HF tensors."""
+    p = _hf_prefixes(names)
 
     def lm_name(name: str) -> str:
         return p["head"] + name[len("lm_head."):] if name.startswith("lm_head.") \
             else p["lm"] + name[len("model."):]
 
-    text = renamed(text_family(hf).weight_mappings(lm, tied), "language_model.", lm_name)
+    return lm_name
+
+
+def vision_rules(hf: HFConfig, lm: TransformerConfig, names: list[str]) -> list[Rule]:
+    """The tower's and projector's rules for a checkpoint holding HF tensors ``names``."""
+    p, v = _hf_prefixes(names), vision(hf)
     vis, proj = p["vision"], p["projector"]
-    out = vocab_rows(text, _EMBEDDING_ROWS, hf_rows, padded) + [
+    out: list[Rule] = [
         Direct("vision_model.conv1.weight", vis + "embeddings.patch_embedding.weight"),
         Direct("vision_model.position_embeddings.weight",
                vis + "embeddings.position_embedding.weight"),
@@ -203,15 +205,29 @@ def build(hf: HFConfig, args: argparse.Namespace, lm: TransformerConfig, pre_pro
         post_process=post_process, image_token_index=image_token_id(hf), vp_stage=vp_stage)
 
 
+def training_forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of :class:`~megatron_patch.data.multimodal.MultimodalSFTDataset`
+    through the model: its images (``num_images`` of each sample's slots), one tile each."""
+    slots = torch.arange(batch["images"].shape[1], device=batch["images"].device)
+    images = batch["images"][slots.unsqueeze(0) < batch["num_images"].unsqueeze(1)]
+    tiles = torch.ones(images.shape[0], dtype=torch.int, device=images.device)
+    return model(images, batch["tokens"], None, None, labels=batch["labels"],
+                 loss_mask=batch["loss_mask"], num_image_tiles=tiles)
+
+
 LLAVA = register_family(
-    ModelFamily(
+    VisionLanguageFamily(
         name="llava",
         hf_architectures=("LlavaForConditionalGeneration",),
         hf_to_megatron=hf_to_megatron,
         megatron_to_hf=megatron_to_hf,
-        weight_mappings=lambda config, tied: [],
-        extra={"vlm": VisionLanguage(text_family=text_family, rules=rules, unused=unused,
-                                     build=build, image_tokens=image_tokens,
-                                     image_token_id=image_token_id)},
+        text_family=text_family,
+        language_names=language_names,
+        vision_rules=vision_rules,
+        unused_tensors=unused,
+        build=build,
+        image_token_id=image_token_id,
+        image_tokens=image_tokens,
+        training_forward=training_forward,
     )
 )

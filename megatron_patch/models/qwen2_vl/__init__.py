@@ -5,8 +5,9 @@ attention, RMSNorm, SwiGLU), a patch merger, and the Qwen2 language model with M
 One family, ``qwen2_vl``, for both ``model_type`` values. The model chunk and its forward are
 :mod:`.model` (``model(input_ids=, position_ids=[3, B, S], pixel_values=, image_grid_thw=,
 labels=, loss_mask=)``, returning the per-token loss with labels); the M-RoPE positions
-:mod:`.rope_index`; the tower :mod:`.tower`. For the data pipeline, ``family.extra["vlm"]``
-gives ``image_token_id(hf_config)``, and :func:`vision` the checked tower settings (``patch``,
+:mod:`.rope_index`; the tower :mod:`.tower`. For the data pipeline, the family
+(:class:`~megatron_patch.models.common.vision.VisionLanguageFamily`) gives
+``image_token_id(hf_config)``, and :func:`vision` the checked tower settings (``patch``,
 ``temporal_patch``, ``merge``, ``channels``, ...) of a ``config.json``.
 
 Checkpoints of transformers 5 (``model.visual.*``, ``model.language_model.*``, ``lm_head``) and
@@ -19,12 +20,14 @@ not supported (``video_token_id`` is never replaced).
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import flatten_batch_for_packed_sequences
 
 from megatron_patch.conversion.mapping import Direct, Rule
 from megatron_patch.models.common.hf_config import (
@@ -32,15 +35,15 @@ from megatron_patch.models.common.hf_config import (
     _expect,
     rope_parameters,
 )
+from megatron_patch.models.common.packed_seq import document_causal_mask
 from megatron_patch.models.common.vision import (
     VISION_ACTIVATIONS,
     Reshaped,
-    VisionLanguage,
+    VerifyBatch,
+    VisionLanguageFamily,
     bidirectional_layer_spec,
     encoder_config,
-    renamed,
     vit_layer_rules,
-    vocab_rows,
 )
 from megatron_patch.models.qwen2_vl.model import Qwen2VLModel
 from megatron_patch.models.qwen2_vl.rope_index import rope_index
@@ -49,8 +52,6 @@ from megatron_patch.models.registry import HFConfig, ModelFamily, get_family, re
 
 _MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _DEFAULT_MROPE = [16, 24, 24]  # transformers' default sections (temporal, height, width)
-_EMBEDDING_ROWS = ("language_model.embedding.word_embeddings.weight",
-                   "language_model.output_layer.weight")
 _VIT_NAMES = {"norm1": "norm1", "qkv": "attn.qkv", "o": "attn.proj", "norm2": "norm2"}
 _MLP_NAMES = {"qwen2_vl": {"fc1": "mlp.fc1", "fc2": "mlp.fc2"},
               "qwen2_5_vl": {"gate": "mlp.gate_proj", "up": "mlp.up_proj",
@@ -174,19 +175,22 @@ def _vision_config(hf: HFConfig, lm: TransformerConfig) -> TransformerConfig:
         mrope_section=None, window_size=None)
 
 
-def rules(hf: HFConfig, lm: TransformerConfig, tied: bool, names: list[str], hf_rows: int,
-          padded: int) -> list[Rule]:
-    """The weight mapping for a checkpoint holding HF tensors ``names``."""
-    p, v = _hf_prefixes(names), vision(hf)
+def language_names(names: list[str]) -> Callable[[str], str]:
+    """Where this checkpoint keeps the text family's HF tensors."""
+    lm = _hf_prefixes(names)["lm"]
 
     def lm_name(name: str) -> str:
-        return name if name.startswith("lm_head.") else p["lm"] + name[len("model."):]
+        return name if name.startswith("lm_head.") else lm + name[len("model."):]
 
-    text = renamed(text_family(hf).weight_mappings(lm, tied), "language_model.", lm_name)
-    vis = p["vision"]
+    return lm_name
+
+
+def vision_rules(hf: HFConfig, lm: TransformerConfig, names: list[str]) -> list[Rule]:
+    """The tower's and merger's rules for a checkpoint holding HF tensors ``names``."""
+    vis, v = _hf_prefixes(names)["vision"], vision(hf)
     norm_bias = v["kind"] == "qwen2_vl"
     patch_shape = (v["width"], v["channels"], v["temporal_patch"], v["patch"], v["patch"])
-    out = vocab_rows(text, _EMBEDDING_ROWS, hf_rows, padded) + [
+    out: list[Rule] = [
         Reshaped("vision_model.patch_embed.weight", vis + "patch_embed.proj.weight",
                  (v["width"], v["channels"] * v["temporal_patch"] * v["patch"] ** 2),
                  patch_shape),
@@ -201,11 +205,6 @@ def rules(hf: HFConfig, lm: TransformerConfig, tied: bool, names: list[str], hf_
         out += [Direct(f"vision_projection.encoder.{fc}.{s}", f"{vis}merger.mlp.{index}.{s}")
                 for s in ("weight", "bias")]
     return out
-
-
-def unused(hf: HFConfig, names: list[str]) -> list[str]:
-    """Every tensor of a Qwen2-VL checkpoint is used."""
-    return []
 
 
 def build(hf: HFConfig, args: argparse.Namespace, lm: TransformerConfig, pre_process: bool,
@@ -242,8 +241,6 @@ VERIFY_GRIDS = (((3, 4),), ((5, 6), (2, 2)))
 def verify_batch(hf: HFConfig, batch_size: int, text_length: int, seed: int = 0):
     """Random images and text for ``verify``: the same batch for Megatron (M-RoPE positions
     from :mod:`.rope_index`) and transformers (which computes its own positions)."""
-    from megatron_patch.conversion.verify_vlm import VerifyBatch
-
     v, token = vision(hf), image_token_id(hf)
     generator = torch.Generator().manual_seed(seed)
     vocab = int(_text_config(hf)["vocab_size"])
@@ -271,17 +268,41 @@ def verify_batch(hf: HFConfig, batch_size: int, text_length: int, seed: int = 0)
     return VerifyBatch(megatron=megatron, hf=hf_inputs, seq_length=seq_length)
 
 
+def training_forward(model: torch.nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch of :class:`~megatron_patch.data.qwen2_vl.Qwen2VLSFTDataset` through the
+    model.
+
+    Packed rows run as one sequence of ``micro_batch_size * seq_length`` tokens (the shape the
+    training loop's pipeline schedule uses for packed data) in which every document attends
+    only to itself."""
+    mask = None
+    if "cu_seqlens" in batch:
+        positions = batch.pop("position_ids").reshape(3, 1, -1)
+        batch = flatten_batch_for_packed_sequences(batch)
+        batch["position_ids"] = positions
+        mask = document_causal_mask(batch["cu_seqlens"][0], 1, positions.shape[-1])
+    images = batch["image_grid_thw"].shape[0] > 0
+    output = model(input_ids=batch["tokens"], position_ids=batch["position_ids"],
+                   pixel_values=batch["pixel_values"] if images else None,
+                   image_grid_thw=batch["image_grid_thw"] if images else None,
+                   labels=batch["labels"], loss_mask=batch["loss_mask"], attention_mask=mask)
+    return output, batch["loss_mask"]
+
+
 QWEN2_VL = register_family(
-    ModelFamily(
+    VisionLanguageFamily(
         name="qwen2_vl",
         hf_architectures=("Qwen2VLForConditionalGeneration",
                           "Qwen2_5_VLForConditionalGeneration"),
         hf_to_megatron=hf_to_megatron,
         megatron_to_hf=megatron_to_hf,
-        weight_mappings=lambda config, tied: [],
-        extra={"vlm": VisionLanguage(text_family=text_family, rules=rules, unused=unused,
-                                     build=build, image_tokens=None,
-                                     image_token_id=image_token_id,
-                                     verify_batch=verify_batch)},
+        text_family=text_family,
+        language_names=language_names,
+        vision_rules=vision_rules,
+        build=build,
+        image_token_id=image_token_id,
+        verify_inputs=verify_batch,
+        training_forward=training_forward,
+        packing=True,
     )
 )
