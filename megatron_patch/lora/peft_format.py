@@ -62,15 +62,22 @@ class AdapterLayout:
         self.rules = self.family.weight_mappings(config, self.layout.tied)
         apply_lora(self.layout.model, settings, self.rules, config, seed=0)
         self.settings = settings
-        self.linears = sorted({name.removesuffix(f".{A_NAME}").removesuffix(f".{B_NAME}")
-                               for name in self.layout.parameters if is_adapter_name(name)})
-        experts = [name for name in self.linears if expert_index(name) is not None]
+        adapted = sorted({name.removesuffix(f".{A_NAME}").removesuffix(f".{B_NAME}")
+                          for name in self.layout.parameters if is_adapter_name(name)})
+        self.linears = [name for name in adapted if expert_index(name) is None]
+        # target names whose linears include routed experts: no PEFT counterpart here
+        self.expert_targets = sorted({name.rsplit(".", 1)[-1] for name in adapted
+                                      if expert_index(name) is not None})
+
+    def refuse_experts(self, targets: list[str] | tuple[str, ...], source: object) -> None:
+        """Raise when ``targets`` adapt routed experts (they have no PEFT form here)."""
+        experts = sorted(set(targets) & set(self.expert_targets))
         if experts:
             raise ConversionError(
-                f"{len(experts)} adapters are on routed experts (e.g. {experts[0]}): transformers "
-                "5 stores experts as fused 3D parameters, which PEFT adapts through "
-                "target_parameters with one A per expert; exchange adapters of attention and "
-                "dense MLPs only (--lora-target-modules linear_qkv,linear_proj)")
+                f"{source}: {','.join(experts)} adapters include routed experts: transformers 5 "
+                "stores experts as fused 3D parameters, which PEFT adapts through "
+                "target_parameters; exchange adapters of attention (and of dense MLPs) only "
+                "(--lora-target-modules linear_qkv,linear_proj)")
 
     def hf_tensors(self, linear: str, a: torch.Tensor, b: torch.Tensor
                    ) -> dict[str, torch.Tensor]:
@@ -142,6 +149,7 @@ def export_lora(load: str | Path, out: str | Path, hf_template: str | Path | Non
     settings = settings_from_args(checkpoint.args)
     with atomic_directory(out) as scratch, single_process_group(scratch):
         adapters = AdapterLayout(checkpoint.args, settings)
+        adapters.refuse_experts(settings.targets, load)
         checkpoint.check(adapters.layout, keys=is_adapter_name)
         tensors: dict[str, torch.Tensor] = {}
         for linear in adapters.linears:
@@ -217,6 +225,7 @@ def import_lora(adapter_dir: str | Path, mcore_dir: str | Path, out: str | Path)
                                   f"Megatron linear (e.g. {(unused or ['none'])[0]}); adapters "
                                   "on attention and dense MLP projections are imported")
         targets = sorted({linear.rsplit(".", 1)[-1] for linear in present})
+        adapters.refuse_experts(targets, adapter_dir)
         source: dict[str, torch.Tensor] = {}
         for linear in adapters.linears:
             if linear.rsplit(".", 1)[-1] in targets:
