@@ -141,15 +141,18 @@ def _argv(argv: Sequence[str]) -> Iterator[None]:
 
 
 def model_defaults_from_argv(argv: Sequence[str]) -> dict[str, Any]:
-    """Architecture defaults from ``--hf-config-path`` or a converted checkpoint's metadata."""
+    """Architecture defaults from ``--hf-config-path`` or a converted checkpoint's metadata
+    (``--load``'s, else ``--pretrained-checkpoint``'s: the base of a LoRA run)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--hf-config-path")
     pre.add_argument("--load")
+    pre.add_argument("--pretrained-checkpoint")
     pre.add_argument("--model-family")
     known, _ = pre.parse_known_args(list(argv))
-    if known.load and checkpoint_metadata(known.load):
-        meta = checkpoint_metadata(known.load)
-        return {**meta["megatron_args"], "model_family": meta["family"]}
+    for checkpoint in (known.load, known.pretrained_checkpoint):
+        meta = checkpoint_metadata(checkpoint) if checkpoint else None
+        if meta:
+            return {**meta["megatron_args"], "model_family": meta["family"]}
     if known.hf_config_path:
         hf = load_hf_config(known.hf_config_path)
         family = get_family(known.model_family) if known.model_family else \
