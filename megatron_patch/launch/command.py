@@ -194,7 +194,7 @@ def _run_name(family: str, mode: str, s: RunSettings, pr: str) -> str:
             f"{s.batch_size}-gbs-{s.global_batch_size}-seqlen-{s.seq_len}-pr-{pr}-tp-{s.tp}-pp-"
             f"{s.pp}-cp-{s.cp}-ac-{s.ac}-do-{str(s.do).lower()}-sp-{str(s.sp).lower()}-ti-"
             f"{s.train_iters}-wi-"
-            f"{s.warmup_iters}")
+            f"{s.warmup_iters}" + (f"-lora-{s.lora}" if s.lora else ""))
 
 
 def _tokenizer(settings: RunSettings, source: RunModel, dry_run: bool) -> tuple[str, str | None]:
@@ -272,8 +272,18 @@ def parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
 
 def _checkpoint_flags(settings: RunSettings, save: Path) -> list[str]:
     """Resume from this run's own checkpoints in ``save`` if any, else start from the given
-    checkpoint."""
+    checkpoint. With ``--lora R`` the given checkpoint is the frozen base of every run (its
+    own checkpoints hold the adapters only)."""
     flags = ["--save", str(save), "--save-interval", str(settings.save_interval)]
+    if settings.lora:
+        if settings.pretrain_checkpoint_path == NO_CHECKPOINT:
+            raise LaunchError(f"--lora {settings.lora} trains adapters on a given model: pass "
+                              "PRETRAIN_CHECKPOINT_PATH (or --load) of a converted or trained "
+                              "checkpoint")
+        flags += ["--lora-rank", str(settings.lora),
+                  "--pretrained-checkpoint", settings.pretrain_checkpoint_path]
+        resume = (save / "latest_checkpointed_iteration.txt").is_file()
+        return flags + (["--load", str(save)] if resume else [])
     if (save / "latest_checkpointed_iteration.txt").is_file():
         return flags + ["--load", str(save)]
     if settings.pretrain_checkpoint_path != NO_CHECKPOINT:

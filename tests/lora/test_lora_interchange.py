@@ -99,3 +99,15 @@ def test_rslora_adapters_are_refused(lora_models, tmp_path):
     (adapter / ADAPTER_WEIGHTS).write_bytes((paths["adapter"] / ADAPTER_WEIGHTS).read_bytes())
     with pytest.raises(ConversionError, match="use_rslora=True is not supported"):
         import_lora(adapter, paths["mcore"], tmp_path / "out")
+
+
+def test_merged_model_equals_hf_peft(lora_models, tmp_path):
+    """``export-lora --merge``: the base converted back to HF with B A added = HF + PEFT."""
+    from megatron_patch.conversion.verify import hf_logits
+    from megatron_patch.lora.merge import merge_lora
+
+    paths = lora_models["mistral"]
+    merged = merge_lora(paths["lora"], tmp_path / "merged", paths["hf"])
+    tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
+    assert (hf_logits(merged, tokens) - expected).abs().max() <= TOLERANCE
