@@ -171,10 +171,9 @@ def _add_adapter_output(module, args, output):
     return result + module.lora(args[0]).to(result.dtype), bias
 
 
-def _adapter_sharded_state_dict(module, original):
-    """``sharded_state_dict`` of a base linear with its adapter sharded like the base."""
-    gated = getattr(module, "lora_gated", False)
-
+def _adapter_sharded_state_dict(module, original, gated: bool):
+    """``sharded_state_dict`` of a base linear with its adapter sharded like the base (B of a
+    gated ``linear_fc1`` as ``[gate_r; up_r]``, like the base weight)."""
     def sharded_state_dict(prefix: str = "", sharded_offsets=(), metadata=None):
         state = original(prefix, sharded_offsets, metadata)
         adapter = module.lora
@@ -239,10 +238,9 @@ def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
         if parts is not None:
             parts = tp_shard(parts, 0, tp_rank, tp_size, gated=gated)
         module.lora = LoraAdapter(module, settings, parts)
-        module.lora_gated = gated
         module.register_forward_hook(_add_adapter_output)
-        module.sharded_state_dict = _adapter_sharded_state_dict(module,
-                                                                module.sharded_state_dict)
+        module.sharded_state_dict = _adapter_sharded_state_dict(
+            module, module.sharded_state_dict, gated)
         adapted += 1
     if not any(param.is_meta for param in chunk.parameters()):  # layout models have no values
         _init_adapters(chunk, config, seed)

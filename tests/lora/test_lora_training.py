@@ -38,6 +38,12 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
     assert sorted(resumed) == [3, 4]
     assert [resumed[i] for i in (3, 4)] == [first[i] for i in (3, 4)], (first, resumed)
     assert first[4] < first[1]
+    # the same training at TP1 (with the distributed optimizer): the sharded adapters' forward
+    # and gradients are TP1's
+    single = _train(paths["mcore"], tmp_path / "tp1", 4, nproc=1,
+                    extra=["--use-distributed-optimizer", "--save-interval", "4"])
+    assert [single[i] for i in range(1, 5)] == pytest.approx([first[i] for i in range(1, 5)],
+                                                             rel=1e-5)
     keys = _saved_keys(tmp_path / "run", 4)  # adapters (and their optimizer state) only
     assert keys and all(key.endswith((".lora.A", ".lora.B")) for key in keys), sorted(keys)
     assert keys["decoder.layers.self_attention.linear_qkv.lora.A"] == (4, 12, 64)
