@@ -21,6 +21,7 @@ from tests.launch import REPO, run_module
 
 TOLERANCE = 1e-5
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+TRAIN_STEPS = 4
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
@@ -55,18 +56,38 @@ def test_adapters_change_the_logits(lora_models):
     assert (base - adapted).abs().max() > 1e-2
 
 
-@pytest.mark.distributed
-def test_logits_match_hf_peft_at_tp_and_pp(lora_models, tmp_path):
+@pytest.fixture(scope="module")
+def compared(lora_models, tmp_path_factory) -> dict:
+    """Every case of one torchrun launch: logits per family and layout, and LoRA training."""
+    tmp = tmp_path_factory.mktemp("compare")
     cases = [{"id": f"{case}-tp{tp}-pp{pp}", "hf": str(paths["hf"]),
               "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp}
              for case, paths in lora_models.items() for tp, pp in LAYOUTS]
-    (tmp_path / "cases.json").write_text(json.dumps(cases))
-    run_module("tests.lora.lora_worker", [str(tmp_path / "cases.json"),
-                                          str(tmp_path / "out.json")], nproc=2)
-    results = json.loads((tmp_path / "out.json").read_text())
-    print("\n".join(f"  {case:24s} {diff:.3e}" for case, diff in results.items()))
+    paths = lora_models["qwen2"]
+    cases.append({"id": "train-qwen2-tp2", "hf": str(paths["hf"]), "adapter": str(paths["adapter"]),
+                  "lora": str(paths["lora"]), "tp": 2, "pp": 1, "train": TRAIN_STEPS})
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    result = run_module("tests.lora.lora_worker", [str(tmp / "cases.json"),
+                                                   str(tmp / "out.json")], nproc=2)
+    print(result.stdout[-2000:])
+    results = json.loads((tmp / "out.json").read_text())
     assert sorted(results) == sorted(case["id"] for case in cases)
-    assert all(diff <= TOLERANCE for diff in results.values()), results
+    return results
+
+
+@pytest.mark.distributed
+def test_logits_match_hf_peft_at_tp_and_pp(compared):
+    logits = {case: diff for case, diff in compared.items() if not case.startswith("train")}
+    print("\n".join(f"  {case:24s} {diff:.3e}" for case, diff in logits.items()))
+    assert len(logits) == 9 and all(diff <= TOLERANCE for diff in logits.values()), logits
+
+
+@pytest.mark.distributed
+def test_lora_training_matches_hf_peft(compared):
+    """N AdamW steps of the adapters at TP2: loss and gradient norm per step equal HF + PEFT's
+    (``verify --train-steps``'s comparison, fp32 tolerance)."""
+    loss_rel, grad_norm_rel = compared["train-qwen2-tp2"]
+    assert loss_rel <= 1e-4 and grad_norm_rel <= 1e-4, compared["train-qwen2-tp2"]
 
 
 def test_import_lora_cli(lora_models, tmp_path):
