@@ -1,7 +1,10 @@
 """``megatron-patch verify``: compare HF and Megatron logits for the same weights.
 
     megatron-patch verify --hf-dir H --mcore-dir M [--tp N] [--pp N] [--ep N] [--etp N]
-        [--tolerance 1e-4] [--batch-size 2] [--seq-length 64]
+        [--tolerance 1e-4] [--batch-size 2] [--seq-length 64] [--adapter-dir A]
+
+With ``--adapter-dir`` (a PEFT LoRA adapter) ``--mcore-dir`` is a LoRA checkpoint: HF + PEFT
+is compared with its base + adapter.
 
 Prints the max abs logits difference; exits 1 above the tolerance. When the layout needs more
 than one process (TP x PP, or EP x ETP x PP for mixture-of-experts models) it relaunches itself
