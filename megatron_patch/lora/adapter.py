@@ -46,7 +46,6 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 from megatron_patch.conversion.sharding import is_gated_fc1, tp_shard
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-COLUMN_TARGETS = ("linear_qkv", "linear_fc1")
 ADAPTER = "lora"  # the adapter's module name under its base linear
 A_NAME, B_NAME = f"{ADAPTER}.A", f"{ADAPTER}.B"
 
@@ -229,9 +228,9 @@ def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
                             "torch-native linears; run without Transformer Engine layers "
                             "(--transformer-impl local)")
         weight_name = names[f"{name}.weight"]
-        rule, layer = rule_for(rules, _first_expert(weight_name))
+        rule, layer = rule_for(rules, weight_name)
         column = isinstance(module, ColumnParallelLinear)
-        tp_rank, tp_size = _split_of(module)
+        tp_rank, tp_size = module.tp_group.rank(), module.tp_group.size()
         rows = module.weight.shape[0] * (tp_size if column else 1)
         parts = parts_of_rows(rule, layer, config, rows) if column else None
         gated = column and is_gated_fc1(f".{name}.", config.gated_linear_unit)
@@ -258,26 +257,6 @@ def _init_adapters(chunk: torch.nn.Module, config, seed: int) -> None:
         if is_adapter_name(local):
             owner = modules[local.rsplit(".", 1)[0]]
             param.copy_(initial_value(param, owner, names[local], seed, config).to(param.dtype))
-
-
-def _first_expert(name: str) -> str:
-    """A routed expert's name as expert 0's: the rule is the same for every expert."""
-    from megatron_patch.conversion.layout import expert_index, with_expert
-
-    return name if expert_index(name) is None else with_expert(name, 0)
-
-
-def _split_of(module) -> tuple[int, int]:
-    group = module.tp_group
-    return group.rank(), group.size()
-
-
-def adapter_parameters(model: list[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
-    """(name, parameter) of every adapter tensor of the model chunks."""
-    for chunk in model:
-        for name, param in chunk.named_parameters():
-            if is_adapter_name(name):
-                yield name, param
 
 
 def model_parallel_counts(model: list[torch.nn.Module]) -> tuple[int, int]:

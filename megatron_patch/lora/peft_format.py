@@ -192,7 +192,8 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[LoraSettings, dict[str, 
         raise ConversionError(f"{config_file}: peft_type {config.get('peft_type')!r}; only LORA "
                               "adapters are imported")
     for field, plain in _UNSUPPORTED.items():
-        if config.get(field, plain) not in (plain, None, {}, False) and config.get(field) != plain:
+        value = config.get(field, plain)
+        if value and value != plain:
             raise ConversionError(f"{config_file}: {field}={config[field]!r} is not supported "
                                   f"(plain LoRA needs {field}={plain!r})")
     settings = LoraSettings(int(config["r"]), float(config["lora_alpha"]),
