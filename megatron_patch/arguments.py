@@ -18,6 +18,7 @@ from typing import Any
 from megatron.training.arguments import parse_args, validate_args
 
 from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.lora.adapter import settings_from_args
 from megatron_patch.models.common.architecture import add_architecture_arguments
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, get_family
@@ -79,6 +80,20 @@ def add_patch_arguments(
                        choices=["tensorwise", "rowwise"],
                        help="Scaling of torchao's float8 training, used for --fp8-format when "
                             "Transformer Engine is not installed (--fp8-recipe applies to TE).")
+    lora = parser.add_argument_group("megatron-patch LoRA")
+    lora.add_argument("--lora-rank", type=int, default=None,
+                      help="Train LoRA adapters of this rank on the frozen model (default: "
+                           "full fine-tuning). Base weights come from --pretrained-checkpoint "
+                           "or a --load without adapters; checkpoints hold the adapters only.")
+    lora.add_argument("--lora-alpha", type=float, default=None,
+                      help="LoRA alpha; the update is scaled by alpha / rank (default: 2 * "
+                           "rank).")
+    lora.add_argument("--lora-dropout", type=float, default=0.0,
+                      help="Dropout on the adapters' input (default 0).")
+    lora.add_argument("--lora-target-modules", default="linear_qkv,linear_proj,linear_fc1,"
+                                                       "linear_fc2",
+                      help="Comma-separated linears to adapt (routed experts included): any "
+                           "of linear_qkv, linear_proj, linear_fc1, linear_fc2 (default: all).")
     vlm = parser.add_argument_group("megatron-patch vision-language models")
     vlm.add_argument("--freeze-LM", dest="freeze_lm", action="store_true",
                      help="Do not train the language model.")
@@ -126,15 +141,18 @@ def _argv(argv: Sequence[str]) -> Iterator[None]:
 
 
 def model_defaults_from_argv(argv: Sequence[str]) -> dict[str, Any]:
-    """Architecture defaults from ``--hf-config-path`` or a converted checkpoint's metadata."""
+    """Architecture defaults from ``--hf-config-path`` or a converted checkpoint's metadata
+    (``--load``'s, else ``--pretrained-checkpoint``'s: the base of a LoRA run)."""
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument("--hf-config-path")
     pre.add_argument("--load")
+    pre.add_argument("--pretrained-checkpoint")
     pre.add_argument("--model-family")
     known, _ = pre.parse_known_args(list(argv))
-    if known.load and checkpoint_metadata(known.load):
-        meta = checkpoint_metadata(known.load)
-        return {**meta["megatron_args"], "model_family": meta["family"]}
+    for checkpoint in (known.load, known.pretrained_checkpoint):
+        meta = checkpoint_metadata(checkpoint) if checkpoint else None
+        if meta:
+            return {**meta["megatron_args"], "model_family": meta["family"]}
     if known.hf_config_path:
         hf = load_hf_config(known.hf_config_path)
         family = get_family(known.model_family) if known.model_family else \
@@ -157,6 +175,7 @@ def parse_training_args(argv: Sequence[str] | None = None,
     with _argv(argv):
         args = parse_args(extra_args_provider=provider)
     check_training_config(args)
+    settings_from_args(args)  # refuse unusable LoRA flags before anything starts
     validate_args(args, {})
     # Without Transformer Engine, FP8 runs through torchao (runtime/float8.py), not Megatron's TE
     # path: the recipe is kept in ``torchao_float8`` and Megatron's own fp8 switch turned off.

@@ -618,3 +618,24 @@ def test_resumed_run_follows_this_commands_schedule(tmp_path):
         "number of iterations do not match"), "/ckpt")
     assert message.startswith("error: --load /ckpt: the checkpoint's learning-rate schedule")
     assert "--override-opt_param-scheduler" in message and "value 200" in message
+
+
+def test_lora_trains_adapters_on_the_given_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.delenv("NPROC_PER_NODE", raising=False)
+    settings = RunSettings(output_basepath=str(tmp_path), lora=4, model_size="tiny",
+                           pretrain_checkpoint_path="/ckpt/base")
+    launch = compose("llama", "finetune", settings, [], CPU)
+    cmd = launch.train
+    assert _value(cmd, "--lora-rank") == "4"
+    assert _value(cmd, "--pretrained-checkpoint") == "/ckpt/base"
+    assert "--load" not in cmd and "--finetune" not in cmd  # the first run: nothing to resume
+    assert launch.name.endswith("-lora-4")
+    (launch.save_dir / "latest_checkpointed_iteration.txt").parent.mkdir(parents=True)
+    (launch.save_dir / "latest_checkpointed_iteration.txt").write_text("10")
+    again = compose("llama", "finetune", settings, [], CPU).train  # resumes its adapters
+    assert _value(again, "--load") == str(launch.save_dir)
+    assert _value(again, "--pretrained-checkpoint") == "/ckpt/base"
+    with pytest.raises(LaunchError, match="--lora 4 trains adapters on a given model"):
+        compose("llama", "finetune", dataclasses.replace(settings, pretrain_checkpoint_path="none",
+                                                         output_basepath=str(tmp_path / "b")),
+                [], CPU)

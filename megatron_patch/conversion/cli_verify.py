@@ -1,7 +1,10 @@
 """``megatron-patch verify``: compare HF and Megatron logits for the same weights.
 
     megatron-patch verify --hf-dir H --mcore-dir M [--tp N] [--pp N] [--ep N] [--etp N]
-        [--tolerance 1e-4] [--batch-size 2] [--seq-length 64]
+        [--tolerance 1e-4] [--batch-size 2] [--seq-length 64] [--adapter-dir A]
+
+With ``--adapter-dir`` (a PEFT LoRA adapter) ``--mcore-dir`` is a LoRA checkpoint: HF + PEFT
+is compared with its base + adapter.
 
 Prints the max abs logits difference; exits 1 above the tolerance. When the layout needs more
 than one process (TP x PP, or EP x ETP x PP for mixture-of-experts models) it relaunches itself
@@ -30,7 +33,12 @@ def _parser() -> argparse.ArgumentParser:
                                      description="Run an HF model and its Megatron checkpoint "
                                                  "on the same tokens; compare the logits.")
     parser.add_argument("--hf-dir", required=True, help="HF model directory")
-    parser.add_argument("--mcore-dir", required=True, help="Megatron checkpoint directory")
+    parser.add_argument("--mcore-dir", required=True,
+                        help="Megatron checkpoint directory (with --adapter-dir: the LoRA "
+                             "checkpoint, whose recorded base is loaded with it)")
+    parser.add_argument("--adapter-dir", default=None,
+                        help="PEFT LoRA adapter directory: compare HF + PEFT with the Megatron "
+                             "base + adapter of the LoRA checkpoint --mcore-dir")
     parser.add_argument("--tp", type=int, default=1, help="tensor parallel size to run at")
     parser.add_argument("--pp", type=int, default=1, help="pipeline parallel size to run at")
     parser.add_argument("--ep", type=int, default=1,
@@ -53,6 +61,13 @@ def _check_inputs(args: argparse.Namespace) -> None:
     load_hf_config(args.hf_dir)
     checkpoint_directory(Path(args.mcore_dir))
     check_fidelity_flags(args)
+    if args.adapter_dir:
+        from megatron_patch.lora.peft_format import read_peft_adapter
+
+        if args.layers or args.train_steps:
+            raise ValueError("--adapter-dir compares logits; it takes neither --layers nor "
+                             "--train-steps")
+        read_peft_adapter(args.adapter_dir)  # files present, plain LoRA
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -64,9 +79,14 @@ def _verify(args: argparse.Namespace) -> int:
     mode = run_fidelity(args)  # --layers / --train-steps
     if mode is not None:
         return mode
-    diff = compare_logits(args.hf_dir, args.mcore_dir, tp=args.tp, pp=args.pp, ep=args.ep,
-                          etp=args.etp, batch_size=args.batch_size,
-                          seq_length=args.seq_length)
+    layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp,
+              "batch_size": args.batch_size, "seq_length": args.seq_length}
+    if args.adapter_dir:  # HF + PEFT against our base + adapter
+        from megatron_patch.lora.verify import compare_lora_logits
+
+        diff = compare_lora_logits(args.hf_dir, args.adapter_dir, args.mcore_dir, **layout)
+    else:
+        diff = compare_logits(args.hf_dir, args.mcore_dir, **layout)
     torch.distributed.destroy_process_group()
     ok = diff <= args.tolerance
     if int(os.environ.get("RANK", "0")) == 0:

@@ -58,6 +58,18 @@ def check_keys(expected: Iterable[str], found: Iterable[str], source: str) -> No
                               "model its config describes)")
 
 
+def rule_for(rules: Iterable[Rule], name: str) -> tuple[Rule, Index]:
+    """The one rule of ``rules`` producing Megatron parameter ``name`` (TP=1, PP=1), with the
+    layer (and expert) index it matched."""
+    found = [(rule, m) for rule in rules if (m := layer_regex(rule.megatron).match(name))]
+    if len(found) != 1:
+        raise ConversionError(f"Megatron parameter {name!r} matches {len(found)} "
+                              "weight-mapping rules (expected exactly one)")
+    rule, match = found[0]
+    indices = tuple(int(group) for group in match.groups())
+    return rule, indices[0] if len(indices) == 1 else indices or None
+
+
 class WeightMap:
     """A family's rules resolved against the Megatron parameters ``shapes`` (TP=1, PP=1)."""
 
@@ -66,19 +78,16 @@ class WeightMap:
         self.config = config
         self.vocab = vocab
         self.shapes = dict(shapes)
-        compiled = [(layer_regex(rule.megatron), rule) for rule in rules]
-        self._rules: dict[str, tuple[Rule, Index]] = {}
-        for name in self.shapes:
-            found = [(rule, m) for regex, rule in compiled if (m := regex.match(name))]
-            if len(found) != 1:
-                raise ConversionError(f"Megatron parameter {name!r} matches {len(found)} "
-                                      "weight-mapping rules (expected exactly one)")
-            rule, match = found[0]
-            indices = tuple(int(group) for group in match.groups())
-            self._rules[name] = (rule, indices[0] if len(indices) == 1 else indices or None)
+        rules = list(rules)
+        self._rules: dict[str, tuple[Rule, Index]] = {name: rule_for(rules, name)
+                                                      for name in self.shapes}
         if vocab.hf_rows > vocab.padded:
             raise ConversionError(f"{vocab.hf_rows} vocabulary rows do not fit the Megatron "
                                   f"embedding of {vocab.padded} rows")
+
+    def rule(self, name: str) -> tuple[Rule, Index]:
+        """The rule producing Megatron parameter ``name`` and its layer (expert) index."""
+        return self._rules[name]
 
     def hf_names(self, name: str) -> list[str]:
         """The HF tensors that make up Megatron parameter ``name``."""

@@ -152,11 +152,14 @@ class _StreamingStrategy(TorchDistSaveShardedStrategy):
 
 
 def save_torch_dist(layout: MegatronLayout, directory: Path, source: TensorSource,
-                    common: dict, progress: bool = True) -> None:
-    """Write the layout model's checkpoint, taking each unsharded parameter from ``source``."""
+                    common: dict, progress: bool = True,
+                    keys: Callable[[str], bool] | None = None) -> None:
+    """Write the layout model's checkpoint, taking each unsharded parameter from ``source``;
+    only the parameters whose names ``keys`` accepts when given (e.g. LoRA adapters)."""
     index = _ChunkIndex(layout)
     planner = _StreamingPlanner(index, source, progress)
-    dist_checkpointing.save({**common, "model": index.sharded}, str(directory),
+    model = {name: entry for name, entry in index.sharded.items() if keys is None or keys(name)}
+    dist_checkpointing.save({**common, "model": model}, str(directory),
                             sharded_strategy=_StreamingStrategy(planner),
                             content_metadata=dict(CONTENT_METADATA))
 
@@ -181,14 +184,17 @@ class TorchDistCheckpoint:
         """The dtype the weights are stored in (that of the embedding)."""
         return self.tensors[EMBEDDING].dtype
 
-    def check(self, layout: MegatronLayout) -> None:
-        """Strict check: the checkpoint holds exactly the layout's model tensors and shapes."""
+    def check(self, layout: MegatronLayout, keys: Callable[[str], bool] | None = None) -> None:
+        """Strict check: the checkpoint holds exactly the layout's model tensors and shapes
+        (those whose checkpoint keys ``keys`` accepts, when given)."""
         self._index = _ChunkIndex(layout)
-        roots = {key.split(".")[0] for key in self._index.shapes}
+        expected = {key: shape for key, shape in self._index.shapes.items()
+                    if keys is None or keys(key)}
+        roots = {key.split(".")[0] for key in expected}
         found = {key: tuple(meta.global_shape) for key, meta in self.tensors.items()
-                 if key.split(".")[0] in roots}
-        check_keys(self._index.shapes, found, f"{self.directory} (model tensors)")
-        for key, shape in self._index.shapes.items():
+                 if key.split(".")[0] in roots and (keys is None or keys(key))}
+        check_keys(expected, found, f"{self.directory} (model tensors)")
+        for key, shape in expected.items():
             if found[key] != shape:
                 raise ConversionError(f"{self.directory}: {key!r} has shape {found[key]}, the "
                                       f"model expects {shape}")

@@ -26,6 +26,8 @@ from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.conversion.ranks import max_abs_diff, rank_device
 from megatron_patch.conversion.verify_vlm import compare_vlm_logits
 from megatron_patch.conversion.vlm import vlm_family
+from megatron_patch.lora.adapter import settings_from_args
+from megatron_patch.lora.training import load_lora_model
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.checkpoint import load_megatron_checkpoint
@@ -101,7 +103,9 @@ def random_tokens(vocab: int, batch_size: int, seq_length: int, seed: int = 0) -
 
 def load_megatron_model(args) -> list[torch.nn.Module]:
     """This rank's chunks of the checkpoint at ``args.load``, built and loaded as training
-    does (without DDP)."""
+    does (without DDP); a LoRA checkpoint (``--lora-rank``) with its base."""
+    if settings_from_args(args) is not None:
+        return load_lora_model(args)
     model = get_model(gpt_model_provider(args), ModelType.encoder_or_decoder, wrap_with_ddp=False)
     load_megatron_checkpoint(model, None, None)
     return model

@@ -178,11 +178,13 @@ def _pad_vocabulary(model: torch.nn.Module, rows: dict[str, torch.Tensor]) -> No
 
 
 def hf_training_curve(hf_dir: str | Path, batches: torch.Tensor, hyper: Hyper,
-                      bf16: bool = False, padding: dict[str, torch.Tensor] | None = None
+                      bf16: bool = False, padding: dict[str, torch.Tensor] | None = None,
+                      adapter_dir: str | Path | None = None
                       ) -> tuple[list[float], list[float]]:
     """(losses, gradient norms) of ``len(batches)`` AdamW steps of the HF model.
 
     ``padding``: Megatron's padded vocabulary rows (:func:`padded_rows`) to train with.
+    ``adapter_dir``: train this PEFT LoRA adapter on the frozen model instead (needs peft).
     """
     from transformers import (
         AutoConfig,
@@ -199,6 +201,10 @@ def hf_training_curve(hf_dir: str | Path, batches: torch.Tensor, hyper: Hyper,
     if padding:
         _pad_vocabulary(model, padding)
     model = model.to(device)
+    if adapter_dir is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=True)
     for module in model.modules():
         if isinstance(module, torch.nn.Embedding):
             # Megatron's embedding has no padding row: HF's padding_idx would freeze the
@@ -261,12 +267,19 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
                      pp: int = 1, ep: int = 1, etp: int | None = None, batch_size: int = 2,
                      seq_length: int = 64,
                      hyper: Hyper = Hyper(), bf16: bool = False,
-                     seed: int = 0, extra_args: Sequence[str] = ()) -> TrainingCurves:
+                     seed: int = 0, extra_args: Sequence[str] = (),
+                     adapter_dir: str | Path | None = None) -> TrainingCurves:
     """Train ``steps`` steps on both sides; the curves are returned on every rank.
 
     ``extra_args`` are further Megatron flags (e.g. ``--sequence-parallel``, which Megatron
-    requires for a mixture-of-experts model at TP > 1).
+    requires for a mixture-of-experts model at TP > 1). With ``adapter_dir`` (a PEFT adapter)
+    LoRA trains on both sides: ``mcore_dir`` is then the LoRA checkpoint of that adapter
+    (``import-lora``), HF trains it with PEFT.
     """
+    if adapter_dir is not None:
+        from megatron_patch.lora.verify import lora_flags
+
+        extra_args = [*extra_args, *lora_flags(mcore_dir)]
     extra = ["--train-iters", str(steps), "--lr", str(hyper.lr), "--min-lr", str(hyper.min_lr),
              "--lr-decay-style", "cosine", "--lr-warmup-iters", str(hyper.warmup_steps),
              "--weight-decay", str(hyper.weight_decay), "--clip-grad", str(hyper.clip_grad),
@@ -291,8 +304,8 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
         padding = padded_rows(state.model, vocab, args.untie_embeddings_and_output_weights)
         reference = torch.zeros(2, steps, dtype=torch.float64)
         if torch.distributed.get_rank() == 0:
-            reference = torch.tensor(hf_training_curve(hf_dir, batches, hyper, bf16, padding),
-                                     dtype=torch.float64)
+            reference = torch.tensor(hf_training_curve(hf_dir, batches, hyper, bf16, padding,
+                                                       adapter_dir), dtype=torch.float64)
         mine = megatron_training_curve(state, args, batches)
         reference = reference.to(_device())
         torch.distributed.broadcast(reference, src=0)

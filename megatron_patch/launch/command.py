@@ -180,7 +180,7 @@ def _run_name(family: str, mode: str, s: RunSettings, pr: str) -> str:
             f"{s.batch_size}-gbs-{s.global_batch_size}-seqlen-{s.seq_len}-pr-{pr}-tp-{s.tp}-pp-"
             f"{s.pp}-cp-{s.cp}-ac-{s.ac}-do-{str(s.do).lower()}-sp-{str(s.sp).lower()}-ti-"
             f"{s.train_iters}-wi-"
-            f"{s.warmup_iters}")
+            f"{s.warmup_iters}" + (f"-lora-{s.lora}" if s.lora else ""))
 
 
 def _tokenizer(settings: RunSettings, source: RunModel, dry_run: bool) -> tuple[str, str | None]:
@@ -258,7 +258,8 @@ def parallel_flags(s: RunSettings, experts: int | None) -> list[str]:
 
 def _checkpoint_flags(settings: RunSettings, save: Path, extra: list[str]) -> list[str]:
     """Resume from this run's own checkpoints in ``save`` if any, else start from the given
-    checkpoint.
+    checkpoint. With ``--lora R`` the given checkpoint is the frozen base of every run (its
+    own checkpoints hold the adapters only).
 
     A resumed run's learning-rate schedule is this command's (Megatron's
     ``--override-opt_param-scheduler``): raising ``--train-iters`` trains further, as the
@@ -266,9 +267,19 @@ def _checkpoint_flags(settings: RunSettings, save: Path, extra: list[str]) -> li
     (unless ``extra`` asks for the checkpoint's schedule).
     """
     flags = ["--save", str(save), "--save-interval", str(settings.save_interval)]
+    own = []
     if (save / "latest_checkpointed_iteration.txt").is_file():
         keep = "--use-checkpoint-opt_param-scheduler" in extra  # the user's choice wins
-        return flags + ["--load", str(save)] + ["--override-opt_param-scheduler"] * (not keep)
+        own = ["--load", str(save)] + ["--override-opt_param-scheduler"] * (not keep)
+    if settings.lora:
+        if settings.pretrain_checkpoint_path == NO_CHECKPOINT:
+            raise LaunchError(f"--lora {settings.lora} trains adapters on a given model: pass "
+                              "PRETRAIN_CHECKPOINT_PATH (or --load) of a converted or trained "
+                              "checkpoint")
+        return flags + ["--lora-rank", str(settings.lora),
+                        "--pretrained-checkpoint", settings.pretrain_checkpoint_path] + own
+    if own:
+        return flags + own
     if settings.pretrain_checkpoint_path != NO_CHECKPOINT:
         return flags + ["--load", settings.pretrain_checkpoint_path, "--finetune",
                         "--no-load-optim", "--no-load-rng"]

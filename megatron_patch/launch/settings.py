@@ -65,6 +65,7 @@ class RunSettings:
     save_path: str | None = None  # default OUTPUT_BASEPATH/checkpoint/<run name>
     iterations: int | None = None  # explicit iteration counts replace the token counts
     warmup_iterations: int | None = None
+    lora: int | None = None  # LoRA rank (alpha 2 * rank): adapters on the frozen --load model
 
     @property
     def tokens_per_iteration(self) -> int:
@@ -175,6 +176,7 @@ _PARSERS: dict[str, tuple[Callable[[str], object], str]] = {
     "train_tokens": (_as_int, "an integer (K/M/B/T suffixes allowed)"),
     "warmup_tokens": (_as_int, "an integer (K/M/B/T suffixes allowed)"),
     "iterations": (_as_int, "an integer"), "warmup_iterations": (_as_int, "an integer"),
+    "lora": (_as_int, "an integer (the LoRA rank)"),
     "optimizer_offload": (_as_offload, "false|true|static|a fraction in (0, 1]"),
     "mode": (_as_mode, "pretrain|sft"), "sft": (_as_bool, "true|false"),
 }
@@ -204,7 +206,7 @@ NAMED_FLAGS = {
     "--valid-data-path": "valid_dataset_path", "--load": "pretrain_checkpoint_path",
     "--save": "save_path", "--train-tokens": "train_tokens", "--warmup-tokens": "warmup_tokens",
     "--train-iters": "iterations", "--warmup-iters": "warmup_iterations",
-    "--output": "output_basepath", "--mode": "mode",
+    "--output": "output_basepath", "--mode": "mode", "--lora": "lora",
 }
 _SWITCHES = ("sp", "do", "fl", "packing")  # a bare --sp means --sp true
 _PATHS = ("dataset_path", "valid_dataset_path")  # may be a blend: several words

@@ -92,8 +92,11 @@ def is_norm_parameter(module: torch.nn.Module, name: str) -> bool:
             or name.rsplit(".", 1)[-1] in _FUSED_NORM_PARAMS)
 
 
-def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: int,
-          config: TransformerConfig) -> torch.Tensor:
+def initial_value(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: int,
+                  config: TransformerConfig) -> torch.Tensor:
+    """This rank's share of the layout-invariant initial value of ``param`` (global ``name``)."""
+    from megatron_patch.lora.adapter import init_adapter_tensor, is_adapter_name
+
     if is_norm_parameter(module, name) or name.endswith("bias"):
         if name.endswith("bias") or getattr(config, "layernorm_zero_centered_gamma", False):
             return torch.zeros_like(param)
@@ -104,6 +107,10 @@ def _fill(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: i
     shape = list(param.shape)
     if partitioned:
         shape[dim] *= tp_size
+    if is_adapter_name(name):
+        full = init_adapter_tensor(name, shape, seed, param.device)
+        return tp_shard(full, dim, tp_rank, tp_size,
+                        gated=is_gated_fc1(name, config.gated_linear_unit)) if partitioned else full
     std = config.init_method_std
     if name.endswith(_OUTPUT_PROJECTIONS):
         std = std / math.sqrt(2.0 * config.num_layers)
@@ -129,4 +136,4 @@ def init_layout_invariant(
         modules = dict(chunk.named_modules())
         for local, param in chunk.named_parameters():
             owner = modules[local.rsplit(".", 1)[0]] if "." in local else chunk
-            param.copy_(_fill(param, owner, names[local], seed, config).to(param.dtype))
+            param.copy_(initial_value(param, owner, names[local], seed, config).to(param.dtype))

@@ -418,13 +418,17 @@ def layout_independent_loading(chunks: list[torch.nn.Module], directory: Path | 
                for inner in unwrap_model(chunks)]
     patched += [(chunk, "load_state_dict", _completing(chunk.load_state_dict, chunk))
                 for chunk in chunks]
+    previous = [(module, name, module.__dict__.get(name)) for module, name, _ in patched]
     for module, name, replacement in patched:
         setattr(module, name, replacement)
     try:
         yield
-    finally:
-        for module, name, _ in patched:
-            delattr(module, name)
+    finally:  # an instance's own replacement (e.g. adapters-only LoRA checkpoints) stays
+        for module, name, value in previous:
+            if value is None:
+                delattr(module, name)
+            else:
+                setattr(module, name, value)
 
 
 # torch.distributed.checkpoint's notices on every load: meant for library authors, not users.

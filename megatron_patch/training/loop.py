@@ -34,6 +34,9 @@ from megatron.training.training import (
 )
 from megatron.training.utils import print_rank_0
 
+from megatron_patch.lora.adapter import settings_from_args
+from megatron_patch.lora.checkpoint import is_adapter_checkpoint, use_base_checkpoint
+from megatron_patch.lora.training import add_lora, report_lora
 from megatron_patch.models.builder import gpt_model_provider, transformer_config_from_args
 from megatron_patch.models.init import init_layout_invariant
 from megatron_patch.runtime.float8 import convert_linears_to_float8
@@ -80,8 +83,11 @@ def setup_model_and_optimizer(
     """
     fast_paths = apply_gpu_fast_paths()
     config = transformer_config_from_args(args)
+    lora = settings_from_args(args)
 
     def prepare(model: torch.nn.Module) -> None:
+        if lora is not None:
+            add_lora(model, lora, args)
         if getattr(args, "torchao_float8", None):
             count = convert_linears_to_float8(model, args.torchao_float8)
             print_rank_0(f"> float8 training (torchao {args.torchao_float8}): {count} linears")
@@ -90,16 +96,25 @@ def setup_model_and_optimizer(
         if extend_model is not None:
             extend_model(model)
 
-    model = get_model(gpt_model_provider(args, extend=prepare), ModelType.encoder_or_decoder)
+    model = get_model(gpt_model_provider(args, extend=prepare,
+                                         transformer_engine=False if lora else None),
+                      ModelType.encoder_or_decoder)
     disable_ddp_nan_check(model)
-    if not (args.load and checkpoint_exists(args.load)):  # e.g. a first run with --load = --save
+    resume = bool(args.load and checkpoint_exists(args.load))
+    if lora is not None:  # the base from its checkpoint, the adapters from --load if it has
+        resume = is_adapter_checkpoint(args.load)
+        if not resume:
+            init_layout_invariant(model, config, args.seed,
+                                  tied=not args.untie_embeddings_and_output_weights)
+        report_lora(model, lora, use_base_checkpoint(model, args))
+    elif not resume:  # e.g. a first run with --load = --save
         init_layout_invariant(model, config, args.seed,
                               tied=not args.untie_embeddings_and_output_weights)
     opt_config, overrides = get_megatron_optimizer_config(args)
     optimizer = get_megatron_optimizer(opt_config, model, config_overrides=overrides)
     scheduler = get_optimizer_param_scheduler(optimizer)
     state = TrainState(model, optimizer, scheduler)
-    if args.load:
+    if resume if lora is not None else args.load:  # Megatron's load (also --finetune's)
         state.iteration, state.flops_so_far = load_megatron_checkpoint(
             model, optimizer, scheduler, strict=True
         )

@@ -1,0 +1,1 @@
+"""LoRA fine-tuning on Megatron-Core, interchangeable with Hugging Face PEFT adapters."""

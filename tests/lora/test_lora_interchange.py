@@ -1,0 +1,134 @@
+"""LoRA adapters interchange with Hugging Face PEFT: import, export, logits at TP/PP 1-2.
+
+Three families (fused q/k/v with bias, a partial adapter on q/v and gate only, a MoE's
+attention) with random non-zero adapters; our base + adapter logits equal HF + PEFT's within
+1e-5 in fp32 at TP1, TP2 and PP2 (one torchrun launch of 2 gloo ranks).
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from megatron_patch.conversion.engine import ConversionError
+from megatron_patch.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
+from megatron_patch.lora.verify import peft_logits
+from tests.launch import REPO, run_module
+
+TOLERANCE = 1e-5
+LAYOUTS = [(1, 1), (2, 1), (1, 2)]
+TRAIN_STEPS = 4
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    """``megatron-patch ARGS`` in a fresh process."""
+    return subprocess.run([sys.executable, "-m", "megatron_patch.cli", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+def test_export_gives_back_the_imported_peft_adapter(lora_models, tmp_path):
+    for case, paths in lora_models.items():
+        out = export_lora(paths["lora"], tmp_path / case, paths["hf"])
+        original, exported = (load_file(str(d / ADAPTER_WEIGHTS))
+                              for d in (paths["adapter"], out))
+        assert set(original) <= set(exported), case
+        for key, tensor in original.items():
+            assert torch.equal(exported[key], tensor), (case, key)
+        # projections the PEFT adapter left out of a fused linear come back as zero updates
+        assert all(not exported[k].any() for k in set(exported) - set(original)), case
+        config = json.loads((out / ADAPTER_CONFIG).read_text())
+        assert (config["r"], config["lora_alpha"]) == (4, 8)
+
+
+def test_adapters_change_the_logits(lora_models):
+    """The random adapters matter: HF + PEFT differs from the HF base (else parity is void)."""
+    from megatron_patch.conversion.verify import hf_logits
+
+    paths = lora_models["mistral"]
+    tokens = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
+    base = hf_logits(paths["hf"], tokens)
+    adapted = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
+    assert (base - adapted).abs().max() > 1e-2
+
+
+@pytest.fixture(scope="module")
+def compared(lora_models, tmp_path_factory) -> dict:
+    """Every case of one torchrun launch: logits per family and layout, and LoRA training."""
+    tmp = tmp_path_factory.mktemp("compare")
+    cases = [{"id": f"{case}-tp{tp}-pp{pp}", "hf": str(paths["hf"]),
+              "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp}
+             for case, paths in lora_models.items() for tp, pp in LAYOUTS]
+    paths = lora_models["qwen2"]
+    cases.append({"id": "train-qwen2-tp2", "hf": str(paths["hf"]), "adapter": str(paths["adapter"]),
+                  "lora": str(paths["lora"]), "tp": 2, "pp": 1, "train": TRAIN_STEPS})
+    (tmp / "cases.json").write_text(json.dumps(cases))
+    result = run_module("tests.lora.lora_worker", [str(tmp / "cases.json"),
+                                                   str(tmp / "out.json")], nproc=2)
+    print(result.stdout[-2000:])
+    results = json.loads((tmp / "out.json").read_text())
+    assert sorted(results) == sorted(case["id"] for case in cases)
+    return results
+
+
+@pytest.mark.distributed
+def test_logits_match_hf_peft_at_tp_and_pp(compared):
+    logits = {case: diff for case, diff in compared.items() if not case.startswith("train")}
+    print("\n".join(f"  {case:24s} {diff:.3e}" for case, diff in logits.items()))
+    assert len(logits) == 9 and all(diff <= TOLERANCE for diff in logits.values()), logits
+
+
+@pytest.mark.distributed
+def test_lora_training_matches_hf_peft(compared):
+    """N AdamW steps of the adapters at TP2: loss and gradient norm per step equal HF + PEFT's
+    (``verify --train-steps``'s comparison, fp32 tolerance)."""
+    loss_rel, grad_norm_rel = compared["train-qwen2-tp2"]
+    assert loss_rel <= 1e-4 and grad_norm_rel <= 1e-4, compared["train-qwen2-tp2"]
+
+
+def test_import_lora_cli(lora_models, tmp_path):
+    paths = lora_models["qwen2"]
+    done = _cli("import-lora", "--adapter-dir", str(paths["adapter"]), "--mcore-dir",
+                str(paths["mcore"]), "--out", str(tmp_path / "ckpt"))
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "ckpt" / "latest_checkpointed_iteration.txt").read_text() == "release"
+
+
+def test_import_and_export_refusals(lora_models, tmp_path, capsys):
+    from megatron_patch.lora import cli_export, cli_import
+
+    paths = lora_models["qwen2"]
+    assert cli_import.main(["--adapter-dir", str(tmp_path / "nowhere"), "--mcore-dir",
+                            str(paths["mcore"]), "--out", str(tmp_path / "ckpt")]) == 1
+    assert "adapter_config.json: missing" in capsys.readouterr().err
+    assert cli_export.main(["--load", str(paths["mcore"]), "--out", str(tmp_path / "x")]) == 1
+    assert "not a LoRA checkpoint" in capsys.readouterr().err
+
+
+def test_rslora_adapters_are_refused(lora_models, tmp_path):
+    from megatron_patch.lora.peft_format import import_lora
+
+    paths = lora_models["qwen2"]
+    adapter = tmp_path / "rslora"
+    adapter.mkdir()
+    config = json.loads((paths["adapter"] / ADAPTER_CONFIG).read_text()) | {"use_rslora": True}
+    (adapter / ADAPTER_CONFIG).write_text(json.dumps(config))
+    (adapter / ADAPTER_WEIGHTS).write_bytes((paths["adapter"] / ADAPTER_WEIGHTS).read_bytes())
+    with pytest.raises(ConversionError, match="use_rslora=True is not supported"):
+        import_lora(adapter, paths["mcore"], tmp_path / "out")
+
+
+def test_merged_model_equals_hf_peft(lora_models, tmp_path):
+    """``export-lora --merge``: the base converted back to HF with B A added = HF + PEFT."""
+    from megatron_patch.conversion.verify import hf_logits
+    from megatron_patch.lora.merge import merge_lora
+
+    paths = lora_models["mistral"]
+    merged = merge_lora(paths["lora"], tmp_path / "merged", paths["hf"])
+    tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(1))
+    expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
+    assert (hf_logits(merged, tokens) - expected).abs().max() <= TOLERANCE
