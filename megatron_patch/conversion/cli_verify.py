@@ -21,7 +21,7 @@ from megatron_patch.conversion.cli_fidelity import (
     check_fidelity_flags,
     run_fidelity,
 )
-from megatron_patch.launch.torchrun import rank_exit_status, run_distributed
+from megatron_patch.utils.torchrun import rank_exit_status, run_distributed
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Index, Rule, layer_regex
+from megatron_patch.mapping.rules import Index, Rule, layer_regex
 
 # GPTModel's vocabulary-sized parameters: Megatron pads their rows, HF has exactly the vocab.
 VOCAB_PARAMS = frozenset({"embedding.word_embeddings.weight", "output_layer.weight"})

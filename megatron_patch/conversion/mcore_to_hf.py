@@ -10,7 +10,6 @@ from tqdm import tqdm
 
 from megatron_patch.conversion.checkpoint_defaults import has_tokenizer
 from megatron_patch.conversion.engine import ConversionError
-from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import (
     ShardedSafetensorsWriter,
     dtype_name,
@@ -25,11 +24,12 @@ from megatron_patch.conversion.layout import (
     single_stage_args,
 )
 from megatron_patch.conversion.legacy import LegacyCheckpoint
-from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.conversion.torch_dist import TorchDistCheckpoint
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.tokenizer.hf import TINY_TOKENIZER_DIR
+from megatron_patch.utils.files import atomic_directory, copy_model_files
+from megatron_patch.utils.metadata import checkpoint_metadata
 
 
 def checkpoint_directory(mcore_dir: Path) -> Path:

@@ -139,8 +139,8 @@ def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
     expert TP ``etp`` (default ``tp``), data parallel over the remaining ranks) and tears it
     down again, so several comparisons can run in one process group.
     """
-    from megatron_patch.conversion.metadata import checkpoint_metadata
     from megatron_patch.conversion.vlm import vlm_family
+    from megatron_patch.utils.metadata import checkpoint_metadata
 
     if vlm_family(checkpoint_metadata(mcore_dir), load_hf_config(hf_dir)) is not None:
         from megatron_patch.conversion.verify_vlm import compare_vlm_logits

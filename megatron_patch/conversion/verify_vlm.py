@@ -13,7 +13,6 @@ from __future__ import annotations
 import gc
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,20 +26,10 @@ from megatron_patch.conversion.verify import _device, max_abs_diff
 from megatron_patch.conversion.vlm import vlm_of
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.common.vision import VerifyBatch
 from megatron_patch.training.checkpoint import load_megatron_checkpoint
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab
-
-
-@dataclass
-class VerifyBatch:
-    """One batch for both models: ``megatron`` and ``hf`` are keyword arguments of the
-    Megatron model chunk and of the transformers model; ``seq_length`` is the sequence length
-    the language model sees."""
-
-    megatron: dict[str, torch.Tensor | None]
-    hf: dict[str, torch.Tensor]
-    seq_length: int
 
 
 def verify_batch(hf_config: dict, batch_size: int, text_length: int, seed: int = 0

@@ -13,7 +13,8 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
-from megatron_patch.models.registry import HFConfig, family_for_hf_config
+from megatron_patch.mapping.config import HFConfig
+from megatron_patch.models.registry import family_for_hf_config
 
 
 @dataclass(frozen=True)

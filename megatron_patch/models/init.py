@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_patch.conversion.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
+from megatron_patch.utils.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
 
 _NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")

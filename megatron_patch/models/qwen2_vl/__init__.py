@@ -26,26 +26,21 @@ import torch.nn.functional as F
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, Rule
-from megatron_patch.models.common.hf_config import (
-    UnsupportedConfigError,
-    _expect,
-    rope_parameters,
-)
+from megatron_patch.mapping.config import HFConfig, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, Reshaped, Rule, renamed, vocab_rows
+from megatron_patch.models.common.hf_config import _expect, rope_parameters
 from megatron_patch.models.common.vision import (
     VISION_ACTIVATIONS,
-    Reshaped,
+    VerifyBatch,
     VisionLanguage,
     bidirectional_layer_spec,
     encoder_config,
-    renamed,
     vit_layer_rules,
-    vocab_rows,
 )
 from megatron_patch.models.qwen2_vl.model import Qwen2VLModel
 from megatron_patch.models.qwen2_vl.rope_index import rope_index
 from megatron_patch.models.qwen2_vl.tower import NORM_EPS
-from megatron_patch.models.registry import HFConfig, ModelFamily, get_family, register_family
+from megatron_patch.models.registry import ModelFamily, get_family, register_family
 
 _MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _DEFAULT_MROPE = [16, 24, 24]  # transformers' default sections (temporal, height, width)
@@ -242,8 +237,6 @@ VERIFY_GRIDS = (((3, 4),), ((5, 6), (2, 2)))
 def verify_batch(hf: HFConfig, batch_size: int, text_length: int, seed: int = 0):
     """Random images and text for ``verify``: the same batch for Megatron (M-RoPE positions
     from :mod:`.rope_index`) and transformers (which computes its own positions)."""
-    from megatron_patch.conversion.verify_vlm import VerifyBatch
-
     v, token = vision(hf), image_token_id(hf)
     generator = torch.Generator().manual_seed(seed)
     vocab = int(_text_config(hf)["vocab_size"])
