@@ -17,16 +17,18 @@ from typing import Any
 
 from megatron.training.arguments import parse_args, validate_args
 
-from megatron_patch.conversion.metadata import checkpoint_metadata
-from megatron_patch.lora.adapter import settings_from_args
+from megatron_patch.config_checks import check_training_config
 from megatron_patch.models.common.architecture import add_architecture_arguments
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.common.lora import settings_from_args
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.runtime.backends import available_backends, flash_attention_backend
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
 from megatron_patch.runtime.gpu_fast_paths import install_wgrad_accumulation
-from megatron_patch.training.config_checks import check_training_config
-from megatron_patch.training.resilience import ON_NONFINITE
+from megatron_patch.utils.metadata import checkpoint_metadata
+
+# --on-nonfinite: what training does on a NaN/inf loss or gradient (training/resilience.py)
+ON_NONFINITE = ("stop", "skip")
 
 
 def add_patch_arguments(

@@ -1,6 +1,6 @@
 """A parallel layout and every rule it must meet for a model, held once.
 
-The launcher (``launch/command.py``), Megatron's argument checks (``training/config_checks.py``)
+The launcher (``launch/command.py``), Megatron's argument checks (``config_checks.py``)
 and conversion (``conversion/hf_to_mcore.py``, ``conversion/card.py``) build a
 :class:`ParallelLayout` of the sizes they know and ask it for its :meth:`ParallelLayout.problems`
 with the model's Megatron argument values. A :class:`Problem` is data (the rule, the sizes at

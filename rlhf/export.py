@@ -19,10 +19,10 @@ import torch
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing import ShardedTensor
 
-from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, parse_size
 from megatron_patch.conversion.layout import single_process_group
 from megatron_patch.conversion.mcore_to_hf import checkpoint_directory, convert_mcore_to_hf
+from megatron_patch.utils.files import atomic_directory, copy_model_files
 from rlhf.reward_model import VALUE_HEAD
 
 SCORE = "score.weight"

@@ -9,7 +9,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from megatron_patch.launch.torchrun import free_port
+from megatron_patch.utils.torchrun import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 LOSS_LINE = re.compile(r"iteration\s+(\d+)/\s*\d+ \|.*? lm loss: ([0-9.E+-]+) \|")

@@ -27,7 +27,7 @@ import pytest
 import torch
 
 from megatron_patch.conversion.tiny import save_random_model
-from megatron_patch.launch.torchrun import free_port
+from megatron_patch.utils.torchrun import free_port
 from tests.conversion.tiny_models import read_safetensors, save_tokenizer, tiny_config
 from tests.launch import REPO
 

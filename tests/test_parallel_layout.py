@@ -7,6 +7,7 @@ import re
 import pytest
 
 from megatron_patch.arguments import parse_training_args
+from megatron_patch.config_checks import MEGATRON_WORDING, ConfigError
 from megatron_patch.conversion.engine import ConversionError
 from megatron_patch.conversion.layout import CONVERT_WORDING, check_parallel_layout
 from megatron_patch.launch.command import LAUNCHER_FIELDS, LAUNCHER_NAMES, validate
@@ -20,7 +21,6 @@ from megatron_patch.parallel_layout import (
     ParallelLayout,
 )
 from megatron_patch.runtime.backends import Backends
-from megatron_patch.training.config_checks import MEGATRON_WORDING, ConfigError
 from tests.launch import MOCK_DATA, TINY_MODEL
 
 CPU = Backends(cuda=False, transformer_engine=False, apex=False, flash_attn=False)

@@ -1,6 +1,6 @@
 """Lossless HF <-> Megatron-Core checkpoint conversion, one engine for every model family.
 
-Public API (imported lazily, so light submodules such as ``metadata`` stay cheap to import):
+Public API (imported lazily, so importing one submodule does not import them all):
 
 * :func:`convert_hf_to_mcore` - HF model directory -> Megatron release checkpoint
   (``torch_dist`` or legacy), streamed tensor by tensor.

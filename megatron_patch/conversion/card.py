@@ -21,8 +21,8 @@ from typing import Any
 
 import yaml
 
-from megatron_patch.conversion.files import atomic_write_text
 from megatron_patch.parallel_layout import TRAINING, ParallelLayout, Wording
+from megatron_patch.utils.files import atomic_write_text
 
 CARD_VERSION = 1
 _LAYOUT = re.compile(r"^tp(\d+)pp(\d+)(?:ep(\d+))?$")

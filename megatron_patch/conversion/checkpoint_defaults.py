@@ -14,8 +14,8 @@ import copy
 from pathlib import Path
 from typing import Any
 
-from megatron_patch.conversion.metadata import TRACKER_FILE, checkpoint_metadata
 from megatron_patch.tokenizer.hf import TOKENIZER_FILES
+from megatron_patch.utils.metadata import TRACKER_FILE, checkpoint_metadata
 
 
 def has_tokenizer(directory: str | Path) -> bool:

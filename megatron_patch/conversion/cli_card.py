@@ -44,8 +44,8 @@ from megatron_patch.conversion.card import (
     tool_versions,
     write_card,
 )
-from megatron_patch.conversion.files import atomic_write_text
 from megatron_patch.runtime.exact_fp32 import restart_with_exact_fp32
+from megatron_patch.utils.files import atomic_write_text
 
 DEFAULT_LAYOUTS = "tp1pp1,tp2pp1,tp1pp2,tp1pp1ep2"
 
@@ -188,7 +188,7 @@ def _worker(jobs_file: str, out_file: str) -> int:
 
 
 def _run_jobs(jobs: list[dict[str, Any]], world: int, work: Path) -> dict[str, Any]:
-    from megatron_patch.launch.torchrun import relaunch
+    from megatron_patch.utils.torchrun import relaunch
 
     jobs_file, out_file = work / "jobs.json", work / "results.json"
     jobs_file.write_text(json.dumps(jobs))

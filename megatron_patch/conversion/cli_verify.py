@@ -24,8 +24,8 @@ from megatron_patch.conversion.cli_fidelity import (
     check_fidelity_flags,
     run_fidelity,
 )
-from megatron_patch.launch.torchrun import rank_exit_status, run_distributed
 from megatron_patch.runtime.exact_fp32 import restart_with_exact_fp32
+from megatron_patch.utils.torchrun import rank_exit_status, run_distributed
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -62,7 +62,7 @@ def _check_inputs(args: argparse.Namespace) -> None:
     checkpoint_directory(Path(args.mcore_dir))
     check_fidelity_flags(args)
     if args.adapter_dir:
-        from megatron_patch.lora.peft_format import read_peft_adapter
+        from megatron_patch.conversion.lora_peft import read_peft_adapter
 
         if args.layers or args.train_steps:
             raise ValueError("--adapter-dir compares logits; it takes neither --layers nor "
@@ -82,7 +82,7 @@ def _verify(args: argparse.Namespace) -> int:
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp,
               "batch_size": args.batch_size, "seq_length": args.seq_length}
     if args.adapter_dir:  # HF + PEFT against our base + adapter
-        from megatron_patch.lora.verify import compare_lora_logits
+        from megatron_patch.conversion.verify_lora import compare_lora_logits
 
         diff = compare_lora_logits(args.hf_dir, args.adapter_dir, args.mcore_dir, **layout)
     else:

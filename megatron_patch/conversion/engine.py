@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Index, Rule, layer_regex
+from megatron_patch.mapping.rules import Index, Rule, rule_matches
 
 # GPTModel's vocabulary-sized parameters: Megatron pads their rows, HF has exactly the vocab.
 VOCAB_PARAMS = frozenset({"embedding.word_embeddings.weight", "output_layer.weight"})
@@ -61,13 +61,11 @@ def check_keys(expected: Iterable[str], found: Iterable[str], source: str) -> No
 def rule_for(rules: Iterable[Rule], name: str) -> tuple[Rule, Index]:
     """The one rule of ``rules`` producing Megatron parameter ``name`` (TP=1, PP=1), with the
     layer (and expert) index it matched."""
-    found = [(rule, m) for rule in rules if (m := layer_regex(rule.megatron).match(name))]
+    found = rule_matches(rules, name)
     if len(found) != 1:
         raise ConversionError(f"Megatron parameter {name!r} matches {len(found)} "
                               "weight-mapping rules (expected exactly one)")
-    rule, match = found[0]
-    indices = tuple(int(group) for group in match.groups())
-    return rule, indices[0] if len(indices) == 1 else indices or None
+    return found[0]
 
 
 class WeightMap:

@@ -13,7 +13,6 @@ from megatron_patch.conversion.engine import Vocab, WeightMap, check_hf_names
 from megatron_patch.conversion.hf_io import HFCheckpoint
 from megatron_patch.conversion.hf_to_mcore import unconverted_removed
 from megatron_patch.conversion.layout import hf_embedding_name, parse_megatron_args
-from megatron_patch.conversion.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
 from megatron_patch.models.builder import (
     build_gpt_model,
     family_from_args,
@@ -22,6 +21,7 @@ from megatron_patch.models.builder import (
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.init import global_parameter_names
 from megatron_patch.models.vocab import padded_vocab_size
+from megatron_patch.utils.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
 
 
 def _global_shape(tensor: torch.Tensor) -> torch.Size:

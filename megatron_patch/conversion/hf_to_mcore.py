@@ -10,7 +10,6 @@ from pathlib import Path
 import torch
 
 from megatron_patch.conversion.engine import ConversionError, check_hf_names
-from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import HFCheckpoint, dtype_name, parse_dtype
 from megatron_patch.conversion.layout import (
     build_layout,
@@ -22,19 +21,16 @@ from megatron_patch.conversion.layout import (
 )
 from megatron_patch.conversion.legacy import save_legacy
 from megatron_patch.conversion.mcore_io import size_vocabulary, stored_args
-from megatron_patch.conversion.metadata import TRACKER_FILE, write_checkpoint_metadata
 from megatron_patch.conversion.torch_dist import save_torch_dist
 from megatron_patch.conversion.vlm import convert_vlm_hf_to_mcore
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
 from megatron_patch.models.builder import transformer_config_from_args
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.common.vision import VisionLanguageFamily
-from megatron_patch.models.registry import (
-    HFConfig,
-    MegatronArgs,
-    ModelFamily,
-    family_for_hf_config,
-)
+from megatron_patch.models.registry import ModelFamily, family_for_hf_config
 from megatron_patch.parallel_layout import ParallelLayout
+from megatron_patch.utils.files import atomic_directory, copy_model_files
+from megatron_patch.utils.metadata import TRACKER_FILE, write_checkpoint_metadata
 
 FORMATS = ("torch_dist", "legacy")
 

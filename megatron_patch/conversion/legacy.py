@@ -29,7 +29,7 @@ from megatron_patch.conversion.layout import (
     with_expert,
     with_layer,
 )
-from megatron_patch.conversion.sharding import is_gated_fc1, tp_shard, tp_unshard
+from megatron_patch.utils.sharding import is_gated_fc1, tp_shard, tp_unshard
 
 CHECKPOINT_FILE = "model_optim_rng.pt"
 _RANK_DIR = re.compile(r"^mp_rank_(\d{2})((?:_\d{3}){0,2})$")

@@ -14,10 +14,10 @@ import torch
 from megatron.core import dist_checkpointing
 
 from megatron_patch.conversion.legacy import LegacyCheckpoint
-from megatron_patch.conversion.metadata import TRACKER_FILE
 from megatron_patch.conversion.torch_dist import TorchDistCheckpoint
-from megatron_patch.models.registry import MegatronArgs
+from megatron_patch.mapping.config import MegatronArgs
 from megatron_patch.models.vocab import needed_vocab_rows, padded_vocab_size
+from megatron_patch.utils.metadata import TRACKER_FILE
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "*.tiktoken")
 

@@ -9,7 +9,6 @@ from tqdm import tqdm
 
 from megatron_patch.conversion.checkpoint_defaults import has_tokenizer
 from megatron_patch.conversion.engine import ConversionError
-from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import (
     ShardedSafetensorsWriter,
     dtype_name,
@@ -23,12 +22,13 @@ from megatron_patch.conversion.layout import (
     single_stage_args,
 )
 from megatron_patch.conversion.mcore_io import checkpoint_directory, open_checkpoint
-from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.conversion.vlm import convert_vlm_mcore_to_hf, vlm_family
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.common.vision import VisionLanguageFamily
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.tokenizer.hf import TINY_TOKENIZER_DIR
+from megatron_patch.utils.files import atomic_directory, copy_model_files
+from megatron_patch.utils.metadata import checkpoint_metadata
 
 
 def convert_mcore_to_hf(

@@ -22,17 +22,17 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.conversion.ranks import max_abs_diff, rank_device
 from megatron_patch.conversion.verify_vlm import compare_vlm_logits
 from megatron_patch.conversion.vlm import vlm_family
-from megatron_patch.lora.adapter import settings_from_args
-from megatron_patch.lora.training import load_lora_model
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
+from megatron_patch.models.common.lora import settings_from_args
 from megatron_patch.training.checkpoint import load_megatron_checkpoint
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
+from megatron_patch.training.lora import load_lora_model
 from megatron_patch.training.pretrain import set_padded_vocab
+from megatron_patch.utils.metadata import checkpoint_metadata
 
 
 def world_size(tp: int = 1, pp: int = 1, ep: int = 1, etp: int | None = None) -> int:

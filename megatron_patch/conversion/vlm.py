@@ -23,7 +23,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_patch.conversion.engine import ConversionError, Vocab, WeightMap, check_hf_names
-from megatron_patch.conversion.files import atomic_directory, copy_model_files
 from megatron_patch.conversion.hf_io import (
     HFCheckpoint,
     ShardedSafetensorsWriter,
@@ -43,17 +42,15 @@ from megatron_patch.conversion.mcore_io import (
     size_vocabulary,
     stored_args,
 )
-from megatron_patch.conversion.metadata import TRACKER_FILE, write_checkpoint_metadata
 from megatron_patch.conversion.torch_dist import TorchDistCheckpoint, save_torch_dist
+from megatron_patch.mapping.config import HFConfig
 from megatron_patch.models.builder import transformer_config_from_args
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.common.vision import VisionLanguageFamily
-from megatron_patch.models.registry import (
-    HFConfig,
-    family_for_hf_config,
-    get_family,
-)
+from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.parallel_layout import ParallelLayout
+from megatron_patch.utils.files import atomic_directory, copy_model_files
+from megatron_patch.utils.metadata import TRACKER_FILE, write_checkpoint_metadata
 
 UNUSED_FILE = "hf_unused.safetensors"
 EMBEDDING = "language_model.embedding.word_embeddings.weight"

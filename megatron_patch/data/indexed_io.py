@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-from megatron_patch.conversion.files import fsync_path
+from megatron_patch.utils.files import fsync_path
 
 
 def dataset_files(prefix: str | Path) -> tuple[Path, Path]:

@@ -49,7 +49,6 @@ def run(options: argparse.Namespace, extra: Sequence[str]) -> int:
     """Evaluate on this rank (inside an initialised world of ``tp * pp`` ranks)."""
     import torch
 
-    from megatron_patch.conversion.files import atomic_write_text
     from megatron_patch.generation.model import (
         args_from_options,
         load_inference_model,
@@ -60,6 +59,7 @@ def run(options: argparse.Namespace, extra: Sequence[str]) -> int:
         negative_log_likelihood,
         windows,
     )
+    from megatron_patch.utils.files import atomic_write_text
 
     args = args_from_options(options, extra, seq_length=options.seq_length,
                              micro_batch_size=options.batch_size)

@@ -26,9 +26,9 @@ from megatron_patch.conversion.checkpoint_defaults import (
     saved_args,
     saved_model_defaults,
 )
-from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.data.bad_records import DataError
-from megatron_patch.launch.torchrun import run_distributed
+from megatron_patch.utils.metadata import checkpoint_metadata
+from megatron_patch.utils.torchrun import run_distributed
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 

@@ -21,10 +21,10 @@ from typing import Any
 
 import jinja2
 
-from megatron_patch.conversion.files import atomic_write_text
 from megatron_patch.data.bad_records import BadRecords
 from megatron_patch.data.encoder import RecordError
 from megatron_patch.data.sft_encoder import render
+from megatron_patch.utils.files import atomic_write_text
 
 Message = dict[str, str]
 

@@ -9,8 +9,9 @@ sizes are demo models that train in minutes on a CPU with the shipped tokenizer.
 
 from __future__ import annotations
 
+from megatron_patch.mapping.config import HFConfig
 from megatron_patch.models.common.sizes import ModelSize
-from megatron_patch.models.registry import HFConfig, get_family, registered_families
+from megatron_patch.models.registry import get_family, registered_families
 
 __all__ = ["ModelSize", "family_sizes", "find_model", "find_size", "model_size_config"]
 

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from megatron_patch.conversion.metadata import TRACKER_FILE
 from megatron_patch.launch.settings import NO_CHECKPOINT, NO_PATH, SHIPPED_DATA, RunSettings
+from megatron_patch.utils.metadata import TRACKER_FILE
 
 
 def _prefixes(blend: str) -> list[str]:

@@ -15,8 +15,9 @@ from typing import Any
 from megatron_patch.launch.flags import megatron_flags
 from megatron_patch.launch.model_sizes import model_size_config
 from megatron_patch.launch.settings import NO_CHECKPOINT, LaunchError, RunSettings
+from megatron_patch.mapping.config import HFConfig
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.models.registry import HFConfig, family_for_hf_config, get_family
+from megatron_patch.models.registry import family_for_hf_config, get_family
 
 DEFAULT_SIZE = "tiny"
 # Checkpoint defaults that are not architecture flags of the model itself.

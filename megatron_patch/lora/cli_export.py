@@ -37,12 +37,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         if args.merge:
-            from megatron_patch.lora.merge import merge_lora
+            from megatron_patch.conversion.lora_merge import merge_lora
 
             out = merge_lora(args.load, args.out, args.hf_template, args.dtype)
             print(f"merged HF model written to {out}")
         else:
-            from megatron_patch.lora.peft_format import export_lora
+            from megatron_patch.conversion.lora_peft import export_lora
 
             out = export_lora(args.load, args.out, args.hf_template)
             print(f"PEFT adapter written to {out}")

@@ -27,7 +27,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``megatron-patch import-lora ...``; 0 on success, 1 with one error line."""
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    from megatron_patch.lora.peft_format import import_lora
+    from megatron_patch.conversion.lora_peft import import_lora
 
     try:
         out = import_lora(args.adapter_dir, args.mcore_dir, args.out)

@@ -21,7 +21,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
-from megatron_patch.conversion.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
+from megatron_patch.utils.sharding import is_gated_fc1, tensor_parallel_split, tp_shard
 
 _NORMS = (torch.nn.LayerNorm, torch.nn.RMSNorm)
 _OUTPUT_PROJECTIONS = ("linear_proj.weight", "linear_fc2.weight")
@@ -95,7 +95,7 @@ def is_norm_parameter(module: torch.nn.Module, name: str) -> bool:
 def initial_value(param: torch.nn.Parameter, module: torch.nn.Module, name: str, seed: int,
                   config: TransformerConfig) -> torch.Tensor:
     """This rank's share of the layout-invariant initial value of ``param`` (global ``name``)."""
-    from megatron_patch.lora.adapter import init_adapter_tensor, is_adapter_name
+    from megatron_patch.models.common.lora import init_adapter_tensor, is_adapter_name
 
     if is_norm_parameter(module, name) or name.endswith("bias"):
         if name.endswith("bias") or getattr(config, "layernorm_zero_centered_gamma", False):

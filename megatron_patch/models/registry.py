@@ -10,11 +10,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
+from megatron_patch.mapping.rules import Rule
 from megatron_patch.models.common.sizes import ModelSize
 from megatron_patch.models.common.spec import build_block_spec, build_layer_spec
-
-HFConfig = dict[str, Any]
-MegatronArgs = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -40,7 +39,7 @@ class ModelFamily:
     hf_architectures: tuple[str, ...]
     hf_to_megatron: Callable[[HFConfig], MegatronArgs]
     megatron_to_hf: Callable[[Any], HFConfig]
-    weight_mappings: Callable[[TransformerConfig, bool], list]
+    weight_mappings: Callable[[TransformerConfig, bool], list[Rule]]
     qk_layernorm: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
     unconverted_hf_tensors: Callable[[HFConfig, list[str]], tuple[list[str], str]] | None = None

@@ -39,10 +39,10 @@ from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.training.checkpointing import save_checkpoint
 from torch.distributed.checkpoint.api import CheckpointException as DCPFailure
 
-from megatron_patch.conversion.files import atomic_write_text, fsync_path, fsync_tree
-from megatron_patch.conversion.metadata import TRACKER_FILE, checkpoint_metadata
 from megatron_patch.models.common.spec import TE_COMPATIBLE_KEYS
 from megatron_patch.training.optimizer_steps import step_convention_loading
+from megatron_patch.utils.files import atomic_write_text, fsync_path, fsync_tree
+from megatron_patch.utils.metadata import TRACKER_FILE, checkpoint_metadata
 
 EXTRA_STATE = "_extra_state"
 STAGING_DIR = ".saving"

@@ -34,10 +34,8 @@ from megatron.training.training import (
 )
 from megatron.training.utils import print_rank_0
 
-from megatron_patch.lora.adapter import settings_from_args
-from megatron_patch.lora.checkpoint import is_adapter_checkpoint, use_base_checkpoint
-from megatron_patch.lora.training import add_lora, report_lora
 from megatron_patch.models.builder import gpt_model_provider, transformer_config_from_args
+from megatron_patch.models.common.lora import settings_from_args
 from megatron_patch.models.init import init_layout_invariant
 from megatron_patch.runtime.float8 import convert_linears_to_float8
 from megatron_patch.runtime.gpu_fast_paths import (
@@ -47,6 +45,8 @@ from megatron_patch.runtime.gpu_fast_paths import (
 )
 from megatron_patch.training.checkpoint import load_megatron_checkpoint, save_checkpoint_atomic
 from megatron_patch.training.logging import TrainingLogger
+from megatron_patch.training.lora import add_lora, report_lora
+from megatron_patch.training.lora_checkpoint import is_adapter_checkpoint, use_base_checkpoint
 from megatron_patch.training.moe_metrics import moe_router_losses
 from megatron_patch.training.resilience import (
     SpikeDetector,

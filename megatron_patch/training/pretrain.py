@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from megatron_patch.arguments import parse_training_args
-from megatron_patch.conversion.metadata import checkpoint_metadata
 from megatron_patch.models.vocab import resolve_padded_vocab
 from megatron_patch.training.checkpoint import check_checkpoint_before_load
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
@@ -22,6 +21,7 @@ from megatron_patch.training.pretrain_data import (
     data_iterator,
     train_valid_test_num_samples,
 )
+from megatron_patch.utils.metadata import checkpoint_metadata
 
 # (args, tokenizer, [train, valid, test] sample counts) -> [train, valid, test] datasets
 DatasetsBuilder = Callable[[argparse.Namespace, object, list[int]], list]

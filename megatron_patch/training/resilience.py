@@ -23,7 +23,6 @@ from datetime import datetime
 import torch
 from megatron.training.dist_signal_handler import DistributedSignalHandler
 
-ON_NONFINITE = ("stop", "skip")
 SPIKE_FACTOR = 10.0  # Megatron's is_unexpectedly_large threshold for the loss
 SPIKE_WARMUP = 100  # iterations whose largest loss is the reference, as in Megatron
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from transformers.models.bloom.modeling_bloom import build_alibi_tensor
 
+from megatron_patch.mapping.config import UnsupportedConfigError
 from megatron_patch.models.common.alibi import alibi_bias, alibi_slopes
 from megatron_patch.models.common.architecture import PatchTransformerConfig
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
 from megatron_patch.models.registry import family_for_hf_config, get_family
 
 

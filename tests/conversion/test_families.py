@@ -6,7 +6,8 @@ import copy
 import pytest
 import transformers
 
-from megatron_patch.models.common.hf_config import UnsupportedConfigError, load_hf_config
+from megatron_patch.mapping.config import UnsupportedConfigError
+from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import family_for_hf_config, registered_families
 from tests.conversion.tiny_models import CASES
 

@@ -116,7 +116,8 @@ def test_expert_layouts_megatron_cannot_run_are_refused(hf_models, tmp_path, kwa
     ("qwen2_moe", {"mlp_only_layers": [0, 1, 2, 3]}, "no layer has routed experts"),
 ])
 def test_router_settings_megatron_cannot_reproduce_name_the_field(hf_models, case, fields, named):
-    from megatron_patch.models.common.hf_config import UnsupportedConfigError, load_hf_config
+    from megatron_patch.mapping.config import UnsupportedConfigError
+    from megatron_patch.models.common.hf_config import load_hf_config
     from megatron_patch.models.registry import family_for_hf_config
 
     hf = {**load_hf_config(hf_models[case]), **fields}

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from megatron_patch.conversion import convert_hf_to_mcore, convert_mcore_to_hf
-from megatron_patch.conversion.metadata import checkpoint_metadata
+from megatron_patch.utils.metadata import checkpoint_metadata
 from tests.conversion.tiny_models import read_safetensors
 from tests.launch import run_module
 

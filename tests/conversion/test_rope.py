@@ -15,11 +15,12 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from megatron_patch.conversion import convert_hf_to_mcore
 from megatron_patch.conversion.tiny import save_random_model, shrink_config
+from megatron_patch.mapping.config import UnsupportedConfigError
 from megatron_patch.models.common.architecture import (
     PatchTransformerConfig,
     add_architecture_arguments,
 )
-from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
+from megatron_patch.models.common.hf_config import rope_parameters
 from megatron_patch.models.common.rope import HFRotaryEmbedding
 from megatron_patch.models.registry import family_for_hf_config
 from tests.conversion.tiny_models import ROPE_CASES, rope_config, tiny_config

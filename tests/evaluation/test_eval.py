@@ -23,7 +23,7 @@ import pytest
 pytest.importorskip("lm_eval")
 pytest.importorskip("accelerate")  # lm-eval's HF backend, the reference
 
-from megatron_patch.launch.torchrun import free_port  # noqa: E402
+from megatron_patch.utils.torchrun import free_port  # noqa: E402
 from tests.launch import REPO  # noqa: E402
 
 pytestmark = pytest.mark.distributed  # the command runs in its own processes

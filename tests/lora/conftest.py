@@ -39,7 +39,7 @@ def save_random_adapter(hf_dir: Path, out: Path, targets: list[str], seed: int =
 def lora_models(tmp_path_factory) -> dict[str, dict[str, Path]]:
     """case -> {"hf", "mcore" (converted base), "adapter" (PEFT), "lora" (imported)}."""
     from megatron_patch.conversion import convert_hf_to_mcore
-    from megatron_patch.lora.peft_format import import_lora
+    from megatron_patch.conversion.lora_peft import import_lora
 
     root = tmp_path_factory.mktemp("lora")
     models = {}

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from megatron_patch.conversion.engine import ConversionError
-from megatron_patch.lora.peft_format import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
-from megatron_patch.lora.verify import peft_logits
+from megatron_patch.conversion.lora_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
+from megatron_patch.conversion.verify_lora import peft_logits
 from tests.launch import REPO, run_module
 
 TOLERANCE = 1e-5
@@ -110,7 +110,7 @@ def test_import_and_export_refusals(lora_models, tmp_path, capsys):
 
 
 def test_rslora_adapters_are_refused(lora_models, tmp_path):
-    from megatron_patch.lora.peft_format import import_lora
+    from megatron_patch.conversion.lora_peft import import_lora
 
     paths = lora_models["qwen2"]
     adapter = tmp_path / "rslora"
@@ -124,8 +124,8 @@ def test_rslora_adapters_are_refused(lora_models, tmp_path):
 
 def test_merged_model_equals_hf_peft(lora_models, tmp_path):
     """``export-lora --merge``: the base converted back to HF with B A added = HF + PEFT."""
+    from megatron_patch.conversion.lora_merge import merge_lora
     from megatron_patch.conversion.verify import hf_logits
-    from megatron_patch.lora.merge import merge_lora
 
     paths = lora_models["mistral"]
     merged = merge_lora(paths["lora"], tmp_path / "merged", paths["hf"])

@@ -64,7 +64,7 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
 @pytest.mark.distributed
 def test_lora_on_experts_trains_at_tp2_and_resumes_at_tp1(lora_models, tmp_path):
     from megatron_patch.conversion.engine import ConversionError
-    from megatron_patch.lora.peft_format import export_lora
+    from megatron_patch.conversion.lora_peft import export_lora
 
     base = lora_models["qwen3_moe"]["mcore"]
     experts = ["--expert-tensor-parallel-size", "1", "--save-interval", "2"]

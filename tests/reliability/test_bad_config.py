@@ -5,9 +5,9 @@ import json
 import pytest
 
 from megatron_patch.arguments import parse_training_args
+from megatron_patch.config_checks import ConfigError
+from megatron_patch.mapping.config import UnsupportedConfigError
 from megatron_patch.models.common.head_split import kv_split_problem
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
-from megatron_patch.training.config_checks import ConfigError
 from tests.launch import MOCK_DATA, TINY_MODEL
 
 BASE = TINY_MODEL + MOCK_DATA + ["--micro-batch-size", "1", "--global-batch-size", "4",

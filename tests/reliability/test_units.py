@@ -4,9 +4,9 @@ import os
 
 import pytest
 
-from megatron_patch.conversion import files
 from megatron_patch.training.checkpoint import CheckpointError, read_tracker
 from megatron_patch.training.resilience import SpikeDetector
+from megatron_patch.utils import files
 
 
 def test_spike_rule_follows_megatron():

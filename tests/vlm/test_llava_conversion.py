@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megatron_patch.conversion import ConversionError, convert_hf_to_mcore, convert_mcore_to_hf
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
+from megatron_patch.mapping.config import UnsupportedConfigError
 from megatron_patch.models.llava import hf_to_megatron
 from tests.conversion.tiny_models import read_safetensors
 from tests.vlm.conftest import VARIANTS

@@ -11,7 +11,7 @@ from transformers.vision_utils import (
     get_vision_window_index,
 )
 
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
+from megatron_patch.mapping.config import UnsupportedConfigError
 from megatron_patch.models.qwen2_vl import hf_to_megatron, tied_embeddings, vision
 from megatron_patch.models.qwen2_vl.rope_index import rope_index
 from megatron_patch.models.qwen2_vl.tower import frame_bounds, patch_positions, window_order

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.launch.torchrun import free_port
+from megatron_patch.utils.torchrun import free_port
 
 SHAPES = {  # name -> (layers, hidden, ffn, heads, kv heads, vocab)
     "tiny": (2, 64, 128, 4, 2, 256),

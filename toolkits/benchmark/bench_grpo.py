@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.launch.torchrun import free_port
+from megatron_patch.utils.torchrun import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SUMMARY = re.compile(r"GRPO throughput: rollout ([0-9.]+) tokens/s \((\d+) generated tokens\), "

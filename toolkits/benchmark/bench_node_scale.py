@@ -276,7 +276,7 @@ def run_proxy(target: Target, steps: int, gpu: bool, extra: list[str], device_gi
 
 
 def _write_json(path: str, payload: dict[str, Any]) -> None:
-    from megatron_patch.conversion.files import atomic_write_text
+    from megatron_patch.utils.files import atomic_write_text
 
     for run in payload["runs"]:
         run.pop("tail", None)

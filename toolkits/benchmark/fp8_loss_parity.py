@@ -26,7 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from megatron_patch.launch.torchrun import free_port
+from megatron_patch.utils.torchrun import free_port
 from toolkits.benchmark.bench_training_step import SHAPES
 
 ASSETS = Path(__file__).resolve().parents[2] / "megatron_patch" / "assets"

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from megatron_patch.launch.torchrun import free_port
+from megatron_patch.utils.torchrun import free_port
 from toolkits.benchmark.bench_training_step import H100_BF16_PEAK_TFLOPS
 
 REPO = Path(__file__).resolve().parents[2]

@@ -19,17 +19,14 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Rule, StackedQKV
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Rule, StackedQKV
 from megatron_patch.models.baichuan.sizes import BAICHUAN_SIZES
 from megatron_patch.models.common.decoder_args import LAYER, replace_rules
-from megatron_patch.models.common.hf_config import (
-    UnsupportedConfigError,
-    llama_style_to_megatron,
-    megatron_to_llama_style,
-)
+from megatron_patch.models.common.hf_config import llama_style_to_megatron, megatron_to_llama_style
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.common.llama_style import llama_style_mapping
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 _ALIBI_LENGTH = 4096  # Baichuan-13B's model_max_length default
 

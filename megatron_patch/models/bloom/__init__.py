@@ -12,7 +12,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
+from megatron_patch.mapping.rules import Direct, Rule
 from megatron_patch.models.bloom.sizes import BLOOM_SIZES
 from megatron_patch.models.common.decoder_args import (
     LAYER,
@@ -24,7 +25,7 @@ from megatron_patch.models.common.decoder_args import (
     refuse,
 )
 from megatron_patch.models.common.layers import PatchedFamily
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 TRAINING_LENGTH = 2048
 

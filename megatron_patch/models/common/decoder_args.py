@@ -10,9 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from megatron_patch.conversion.mapping import Direct, Rule
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
-from megatron_patch.models.registry import HFConfig, MegatronArgs
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, Rule
 
 LAYER = "decoder.layers.*."
 WEIGHT = ("weight",)

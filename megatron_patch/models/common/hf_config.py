@@ -20,17 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
 from megatron_patch.models.common.rope import HF_ROPE_FIELDS, HF_ROPE_TYPES, USES_ORIGINAL_LENGTH
-from megatron_patch.models.registry import HFConfig, MegatronArgs
 
 # Megatron's llama3 rope scaling hard-codes these (megatron.core RotaryEmbedding._apply_scaling);
 # other llama3 constants go through --hf-rope-scaling.
 _LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
                  "original_max_position_embeddings": 8192}
-
-
-class UnsupportedConfigError(ValueError):
-    """An HF config field has a value megatron-patch cannot reproduce exactly."""
 
 
 def load_hf_config(hf_dir: str | Path) -> HFConfig:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, FusedQKV, GatedMLP, Rule
+from megatron_patch.mapping.rules import Direct, FusedQKV, GatedMLP, Rule
 from megatron_patch.models.common.decoder_args import output_layer_rules
 
 _L = "decoder.layers.*."

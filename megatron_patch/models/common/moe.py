@@ -34,10 +34,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, GatedMLP, Rule
-from megatron_patch.models.common.hf_config import UnsupportedConfigError
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, GatedMLP, Rule
 from megatron_patch.models.common.spec import build_block_spec, build_layer_spec
-from megatron_patch.models.registry import HFConfig, MegatronArgs, ModelFamily
+from megatron_patch.models.registry import ModelFamily
 
 
 @dataclass(frozen=True)

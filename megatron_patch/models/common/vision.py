@@ -1,13 +1,15 @@
 """Vision-language families (:class:`VisionLanguageFamily`) and their shared pieces:
-vision-tower configs and specs, rule helpers.
+vision-tower configs and specs, ViT layer rules.
 
 A vision-language model is Megatron-Core's ``LLaVAModel`` (vision tower, projector, language
 model), or a family's own module of the same parts (Qwen2-VL:
 :mod:`megatron_patch.models.qwen2_vl.model`), whose language model is a registered text
 family. Its weight mapping reuses the text
-family's rules under a prefix (:func:`renamed`); rules of the vision tower and projector carry
-their own ``TransformerConfig`` (:class:`OwnConfig`: attention heads differ from the language
-model's), and vocabulary-sized rules pad and strip their rows (:class:`VocabRows`).
+family's rules under a prefix (:func:`~megatron_patch.mapping.rules.renamed`); rules of the
+vision tower and projector carry their own ``TransformerConfig``
+(:class:`~megatron_patch.mapping.rules.OwnConfig`: attention heads differ from the language
+model's), and vocabulary-sized rules pad and strip their rows
+(:class:`~megatron_patch.mapping.rules.VocabRows`).
 """
 
 from __future__ import annotations
@@ -30,20 +32,20 @@ from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import (
+from megatron_patch.mapping.config import HFConfig
+from megatron_patch.mapping.rules import (
     Direct,
     FusedQKV,
     GatedMLP,
-    Index,
+    OwnConfig,
     Rule,
     StackedQKV,
-    Tensors,
+    renamed,
+    vocab_rows,
 )
 from megatron_patch.models.common.norm import PatchNorm
 from megatron_patch.models.common.spec import build_layer_spec
-from megatron_patch.models.registry import HFConfig, ModelFamily
-
-_HF_FIELDS = ("hf", "q", "k", "v", "gate", "up")
+from megatron_patch.models.registry import ModelFamily
 
 
 def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
@@ -53,119 +55,6 @@ def _gelu_tanh(x: torch.Tensor) -> torch.Tensor:
 # transformers' ``hidden_act`` names of vision towers -> the functions
 VISION_ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu, "gelu_pytorch_tanh": _gelu_tanh,
                       "silu": F.silu}
-
-
-def renamed(rules: list[Rule], megatron: str, hf: Callable[[str], str]) -> list[Rule]:
-    """``rules`` with ``megatron`` prepended to their Megatron names and ``hf`` applied to their
-    HF names (e.g. ``model.layers.*...`` -> ``language_model.model.layers.*...``)."""
-    out = []
-    for rule in rules:
-        changes = {"megatron": megatron + rule.megatron}
-        changes.update({f: hf(getattr(rule, f)) for f in _HF_FIELDS if hasattr(rule, f)})
-        out.append(dataclasses.replace(rule, **changes))
-    return out
-
-
-@dataclass(frozen=True)
-class ClassToken:
-    """HF ``class_embedding`` ``[h]`` <-> Megatron ``class_token`` ``[1, 1, h]``."""
-
-    megatron: str
-    hf: str
-
-    def hf_names(self, layer: Index) -> list[str]:
-        """The HF tensor name."""
-        return [self.hf]
-
-    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
-        """Add the two leading axes."""
-        return {self.megatron: hf[self.hf].reshape(1, 1, -1)}
-
-    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
-        """Drop the two leading axes."""
-        return {self.hf: tensor.reshape(-1).contiguous()}
-
-
-@dataclass(frozen=True)
-class Reshaped:
-    """One HF tensor is one Megatron tensor of the same elements in another shape (e.g. a
-    3-D convolution over exactly one patch as a linear map of the flattened patch)."""
-
-    megatron: str
-    hf: str
-    megatron_shape: tuple[int, ...]
-    hf_shape: tuple[int, ...]
-
-    def hf_names(self, layer: Index) -> list[str]:
-        """The HF tensor name."""
-        return [self.hf]
-
-    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
-        """The HF tensor in the Megatron shape."""
-        return {self.megatron: hf[self.hf].reshape(self.megatron_shape)}
-
-    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
-        """The Megatron tensor in the HF shape."""
-        return {self.hf: tensor.reshape(self.hf_shape).contiguous()}
-
-
-@dataclass(frozen=True)
-class OwnConfig:
-    """``rule`` applied with ``config`` (e.g. the vision tower's heads) instead of the map's."""
-
-    rule: Rule
-    config: TransformerConfig
-
-    @property
-    def megatron(self) -> str:
-        """The wrapped rule's Megatron name pattern."""
-        return self.rule.megatron
-
-    def hf_names(self, layer: Index) -> list[str]:
-        """HF tensor names the wrapped rule reads."""
-        return self.rule.hf_names(layer)
-
-    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
-        """The wrapped rule's Megatron tensor(s), built with this rule's config."""
-        return self.rule.to_megatron(hf, layer, self.config)
-
-    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
-        """The wrapped rule's HF tensor(s), split with this rule's config."""
-        return self.rule.to_hf(tensor, layer, self.config)
-
-
-@dataclass(frozen=True)
-class VocabRows:
-    """A vocabulary-sized one-to-one tensor: Megatron pads ``hf_rows`` rows to ``padded``."""
-
-    megatron: str
-    hf: str
-    hf_rows: int
-    padded: int
-
-    def hf_names(self, layer: Index) -> list[str]:
-        """The HF tensor name."""
-        return [self.hf]
-
-    def to_megatron(self, hf: Tensors, layer: Index, config: TransformerConfig) -> Tensors:
-        """The HF rows, zero-padded to the Megatron vocabulary."""
-        tensor = hf[self.hf]
-        if tensor.shape[0] != self.hf_rows:
-            raise ValueError(f"{self.hf}: {tensor.shape[0]} rows, expected the vocabulary of "
-                             f"{self.hf_rows}")
-        padding = tensor.new_zeros(self.padded - self.hf_rows, *tensor.shape[1:])
-        return {self.megatron: torch.cat([tensor, padding])}
-
-    def to_hf(self, tensor: torch.Tensor, layer: Index, config: TransformerConfig) -> Tensors:
-        """The vocabulary rows without Megatron's padding."""
-        return {self.hf: tensor[: self.hf_rows].contiguous()}
-
-
-def vocab_rows(rules: list[Rule], names: tuple[str, ...], hf_rows: int, padded: int
-               ) -> list[Rule]:
-    """``rules`` with the one-to-one rules of Megatron tensors ``names`` padding their rows."""
-    return [VocabRows(r.megatron, r.hf, hf_rows, padded) if r.megatron in names else r
-            for r in rules]
 
 
 def encoder_config(base: TransformerConfig, **fields: Any) -> TransformerConfig:
@@ -408,8 +297,8 @@ class PatchLLaVAModel(LLaVAModel):
 def vlm_hf_config(args: Any) -> dict:
     """The HF ``config.json`` of a vision-language run: ``--hf-config-path``, else the one
     recorded with the converted checkpoint ``--load``."""
-    from megatron_patch.conversion.metadata import checkpoint_metadata
     from megatron_patch.models.common.hf_config import load_hf_config
+    from megatron_patch.utils.metadata import checkpoint_metadata
 
     if getattr(args, "hf_config_path", None):
         return load_hf_config(args.hf_config_path)

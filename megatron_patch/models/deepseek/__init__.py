@@ -37,13 +37,13 @@ from typing import Any
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, Rule
 from megatron_patch.models.common.hf_config import (
     LLAMA_STYLE_FIELDS,
     Arg,
     Field,
     Fixed,
-    UnsupportedConfigError,
     fields_to_hf,
     fields_to_megatron,
     llama_style_to_megatron,
@@ -63,7 +63,7 @@ from megatron_patch.models.common.moe import (
     routed_experts,
 )
 from megatron_patch.models.deepseek.sizes import DEEPSEEK_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 # YaRN settings Megatron-Core's MLA does not take from arguments (MLATransformerConfig defaults).
 _MLA_YARN_FIXED = {"beta_fast": 32.0, "beta_slow": 1.0, "original_max_position_embeddings": 4096}

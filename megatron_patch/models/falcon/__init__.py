@@ -16,7 +16,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
+from megatron_patch.mapping.rules import Direct, Rule
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT,
@@ -30,7 +31,7 @@ from megatron_patch.models.common.decoder_args import (
 from megatron_patch.models.common.hf_config import _expect, rope_to_hf, rope_to_megatron
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.falcon.sizes import FALCON_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 
 def _kv_heads(hf: HFConfig, heads: int) -> int:

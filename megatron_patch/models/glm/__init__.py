@@ -17,7 +17,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, Rule, StackedQKV
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, Rule, StackedQKV
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     decoder_args,
@@ -27,7 +28,6 @@ from megatron_patch.models.common.decoder_args import (
     replace_rules,
 )
 from megatron_patch.models.common.hf_config import (
-    UnsupportedConfigError,
     llama_style_to_megatron,
     megatron_to_llama_style,
     rope_parameters,
@@ -35,7 +35,7 @@ from megatron_patch.models.common.hf_config import (
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.common.llama_style import llama_style_mapping
 from megatron_patch.models.glm.sizes import CHATGLM_SIZES, GLM_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 _FC1 = LAYER + "mlp.linear_fc1.weight"
 

@@ -19,11 +19,11 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, Rule
-from megatron_patch.models.common.hf_config import UnsupportedConfigError, rope_parameters
+from megatron_patch.mapping.config import HFConfig, UnsupportedConfigError
+from megatron_patch.mapping.rules import ClassToken, Direct, Rule
+from megatron_patch.models.common.hf_config import rope_parameters
 from megatron_patch.models.common.vision import (
     VISION_ACTIVATIONS,
-    ClassToken,
     PatchLLaVAModel,
     VisionLanguageFamily,
     bidirectional_layer_spec,
@@ -31,7 +31,7 @@ from megatron_patch.models.common.vision import (
     used_vision_layers,
     vit_layer_rules,
 )
-from megatron_patch.models.registry import HFConfig, ModelFamily, get_family, register_family
+from megatron_patch.models.registry import ModelFamily, get_family, register_family
 
 _TEXT_FAMILIES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2"}
 _TOWERS = {"clip_vision_model": "clip", "siglip_vision_model": "siglip"}

@@ -15,7 +15,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
+from megatron_patch.mapping.rules import Rule
 from megatron_patch.models.common.hf_config import (
     llama_style_to_megatron,
     megatron_to_llama_style,
@@ -32,7 +33,7 @@ from megatron_patch.models.common.moe import (
     routed_experts,
 )
 from megatron_patch.models.mixtral.sizes import MIXTRAL_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 
 def _to_megatron(hf: HFConfig) -> MegatronArgs:

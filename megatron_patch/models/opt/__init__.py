@@ -12,7 +12,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, FusedQKV, Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, FusedQKV, Rule
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT,
@@ -23,10 +24,10 @@ from megatron_patch.models.common.decoder_args import (
     output_layer_rules,
     refuse,
 )
-from megatron_patch.models.common.hf_config import UnsupportedConfigError, _expect
+from megatron_patch.models.common.hf_config import _expect
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.opt.sizes import OPT_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 _HF = "model.decoder."

@@ -6,6 +6,7 @@ Small sizes tie the embeddings; ``use_sliding_window`` is false in every release
 from functools import partial
 from typing import Any
 
+from megatron_patch.mapping.config import HFConfig
 from megatron_patch.models.common.hf_config import (
     llama_style_to_megatron,
     megatron_to_llama_style,
@@ -14,7 +15,7 @@ from megatron_patch.models.common.hf_config import (
 )
 from megatron_patch.models.common.llama_style import llama_style_mapping
 from megatron_patch.models.qwen2.sizes import QWEN2_SIZES
-from megatron_patch.models.registry import HFConfig, ModelFamily, register_family
+from megatron_patch.models.registry import ModelFamily, register_family
 
 
 def _to_hf(args: Any) -> HFConfig:

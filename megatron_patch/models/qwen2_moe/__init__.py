@@ -16,7 +16,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
+from megatron_patch.mapping.rules import Rule
 from megatron_patch.models.common.hf_config import (
     llama_style_to_megatron,
     megatron_to_llama_style,
@@ -34,7 +35,7 @@ from megatron_patch.models.common.moe import (
     routed_experts,
 )
 from megatron_patch.models.qwen2_moe.sizes import QWEN2_MOE_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 
 def qwen_moe_layers(hf: HFConfig) -> list[int]:

@@ -29,16 +29,12 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import flatten_batch_for_packed_sequences
 
-from megatron_patch.conversion.mapping import Direct, Rule
-from megatron_patch.models.common.hf_config import (
-    UnsupportedConfigError,
-    _expect,
-    rope_parameters,
-)
+from megatron_patch.mapping.config import HFConfig, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, Reshaped, Rule
+from megatron_patch.models.common.hf_config import _expect, rope_parameters
 from megatron_patch.models.common.packed_seq import document_causal_mask
 from megatron_patch.models.common.vision import (
     VISION_ACTIVATIONS,
-    Reshaped,
     VerifyBatch,
     VisionLanguageFamily,
     bidirectional_layer_spec,
@@ -48,7 +44,7 @@ from megatron_patch.models.common.vision import (
 from megatron_patch.models.qwen2_vl.model import Qwen2VLModel
 from megatron_patch.models.qwen2_vl.rope_index import rope_index
 from megatron_patch.models.qwen2_vl.tower import NORM_EPS
-from megatron_patch.models.registry import HFConfig, ModelFamily, get_family, register_family
+from megatron_patch.models.registry import ModelFamily, get_family, register_family
 
 _MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl")
 _DEFAULT_MROPE = [16, 24, 24]  # transformers' default sections (temporal, height, width)

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
 from megatron_patch.models.common.hf_config import megatron_to_llama_style
 from megatron_patch.models.common.moe import MoEFamily
 from megatron_patch.models.qwen2_moe import qwen_moe_fields, qwen_moe_mapping, qwen_moe_to_megatron
 from megatron_patch.models.qwen3_moe.sizes import QWEN3_MOE_SIZES
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 
 
 def _to_megatron(hf: HFConfig) -> MegatronArgs:

@@ -14,7 +14,8 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.conversion.mapping import Direct, FusedQKV, Rule
+from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.rules import Direct, FusedQKV, Rule
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT,
@@ -26,14 +27,13 @@ from megatron_patch.models.common.decoder_args import (
     refuse,
 )
 from megatron_patch.models.common.hf_config import (
-    UnsupportedConfigError,
     megatron_window,
     mistral_window,
     rope_to_hf,
     rope_to_megatron,
 )
 from megatron_patch.models.common.layers import PatchedFamily
-from megatron_patch.models.registry import HFConfig, MegatronArgs, register_family
+from megatron_patch.models.registry import register_family
 from megatron_patch.models.starcoder.sizes import STARCODER2_SIZES, STARCODER_SIZES
 
 # HF activation names -> --mlp-activation.

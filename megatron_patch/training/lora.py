@@ -7,13 +7,13 @@ import argparse
 import torch
 from megatron.training.utils import print_rank_0
 
-from megatron_patch.lora.adapter import (
+from megatron_patch.models.builder import family_from_args
+from megatron_patch.models.common.lora import (
     LoraSettings,
     apply_lora,
     model_parallel_counts,
     settings_from_args,
 )
-from megatron_patch.models.builder import family_from_args
 
 
 def add_lora(chunk: torch.nn.Module, settings: LoraSettings, args: argparse.Namespace) -> None:
@@ -38,9 +38,9 @@ def load_lora_model(args: argparse.Namespace) -> list[torch.nn.Module]:
     from megatron.core.enums import ModelType
     from megatron.training.training import get_model
 
-    from megatron_patch.lora.checkpoint import is_adapter_checkpoint, use_base_checkpoint
     from megatron_patch.models.builder import gpt_model_provider
     from megatron_patch.training.checkpoint import load_megatron_checkpoint
+    from megatron_patch.training.lora_checkpoint import is_adapter_checkpoint, use_base_checkpoint
 
     settings = settings_from_args(args)
     model = get_model(gpt_model_provider(args, transformer_engine=False,

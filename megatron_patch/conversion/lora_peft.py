@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 
 from megatron_patch.conversion.engine import ConversionError, rule_for
-from megatron_patch.conversion.files import atomic_directory
 from megatron_patch.conversion.layout import (
     build_layout,
     expert_index,
@@ -29,9 +28,8 @@ from megatron_patch.conversion.layout import (
     single_stage_args,
 )
 from megatron_patch.conversion.mcore_to_hf import checkpoint_directory
-from megatron_patch.conversion.metadata import METADATA_FILE, TRACKER_FILE
 from megatron_patch.conversion.torch_dist import TorchDistCheckpoint, save_torch_dist
-from megatron_patch.lora.adapter import (
+from megatron_patch.models.common.lora import (
     A_NAME,
     B_NAME,
     LoraSettings,
@@ -40,6 +38,8 @@ from megatron_patch.lora.adapter import (
     parts_of_rows,
     settings_from_args,
 )
+from megatron_patch.utils.files import atomic_directory
+from megatron_patch.utils.metadata import METADATA_FILE, TRACKER_FILE
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

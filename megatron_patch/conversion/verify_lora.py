@@ -9,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.lora.adapter import settings_from_args
-from megatron_patch.lora.checkpoint import saved_args
+from megatron_patch.models.common.lora import settings_from_args
+from megatron_patch.training.lora_checkpoint import saved_args
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ def peft_logits(hf_dir: str | Path, tokens: torch.Tensor, *, adapter_dir: str | 
     try:
         from peft import PeftModel
     except ImportError:  # the next-best reference: the adapter merged into the HF weights
-        from megatron_patch.lora.merge import merge_into_hf_model
+        from megatron_patch.conversion.lora_merge import merge_into_hf_model
 
         log.warning("peft is not installed (pip install 'megatron-patch[lora]'): the reference "
                     "is the HF model with the adapter merged by megatron-patch")

@@ -17,7 +17,7 @@ A fused base (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``) whose Hugging 
 separate projections gets one A per projection (stacked, ``parts`` blocks of r rows) and each
 row of B multiplies its projection's block only: exactly the PEFT adapter, with B stored in the
 base weight's fused row layout. Which row belongs to which projection comes from the family's
-weight mapping (:mod:`megatron_patch.conversion.mapping`) applied to row indices.
+weight mapping (:mod:`megatron_patch.mapping.rules`) applied to row indices.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ from megatron.core.tensor_parallel.mappings import (
 from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-from megatron_patch.conversion.sharding import is_gated_fc1, tp_shard
+from megatron_patch.mapping.rules import rule_matches
+from megatron_patch.utils.sharding import is_gated_fc1, tp_shard
 
 TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
 ADAPTER = "lora"  # the adapter's module name under its base linear
@@ -215,7 +216,6 @@ def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
     """Add adapters to the targeted linears of a model chunk and freeze everything else;
     returns the number of adapted linears. ``rules`` is the family's weight mapping (TP=1
     names), which gives fused bases their per-projection layout."""
-    from megatron_patch.conversion.engine import rule_for
     from megatron_patch.models.init import global_parameter_names
 
     names = global_parameter_names(chunk, tied=False)
@@ -228,7 +228,11 @@ def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
                             "torch-native linears; run without Transformer Engine layers "
                             "(--transformer-impl local)")
         weight_name = names[f"{name}.weight"]
-        rule, layer = rule_for(rules, weight_name)
+        found = rule_matches(rules, weight_name)
+        if len(found) != 1:
+            raise LoraError(f"Megatron parameter {weight_name!r} matches {len(found)} "
+                            "weight-mapping rules (expected exactly one)")
+        (rule, layer), = found
         column = isinstance(module, ColumnParallelLinear)
         tp_rank, tp_size = module.tp_group.rank(), module.tp_group.size()
         rows = module.weight.shape[0] * (tp_size if column else 1)

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.conversion.files import atomic_directory
 from megatron_patch.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, parse_size
-from megatron_patch.lora.peft_format import PEFT_PREFIX, read_peft_adapter
+from megatron_patch.conversion.lora_peft import PEFT_PREFIX, read_peft_adapter
+from megatron_patch.utils.files import atomic_directory
 
 
 def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -62,9 +62,9 @@ def merge_lora(load: str | Path, out: str | Path, hf_template: str | Path | None
                dtype: str | None = None) -> Path:
     """The LoRA checkpoint ``load`` with its base (the checkpoint it records) as one merged HF
     model directory at ``out``."""
+    from megatron_patch.conversion.lora_peft import export_lora
     from megatron_patch.conversion.mcore_to_hf import convert_mcore_to_hf
-    from megatron_patch.lora.checkpoint import saved_args
-    from megatron_patch.lora.peft_format import export_lora
+    from megatron_patch.training.lora_checkpoint import saved_args
 
     base = getattr(saved_args(load), "pretrained_checkpoint", None)
     if not base:

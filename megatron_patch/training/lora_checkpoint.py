@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from megatron.core.utils import unwrap_model
 
-from megatron_patch.lora.adapter import LoraError, is_adapter_name
+from megatron_patch.models.common.lora import LoraError, is_adapter_name
 
 KeyFilter = Callable[[str], bool]
 

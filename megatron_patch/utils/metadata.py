@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from megatron_patch.conversion.files import atomic_write_text
+from megatron_patch.utils.files import atomic_write_text
 
 METADATA_FILE = "megatron_patch.json"
 TRACKER_FILE = "latest_checkpointed_iteration.txt"  # Megatron's: names the latest checkpoint
