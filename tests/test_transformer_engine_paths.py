@@ -117,10 +117,20 @@ def test_fp32_comparisons_restart_with_tf32_off_on_a_gpu(monkeypatch):
         cli_verify.main(argv)
     assert calls == [(exact_fp32.exact_fp32_argv("verify", argv), "0")]
     assert calls[0][0][1:4] == ["-m", "megatron_patch.cli", "verify"]
+    with pytest.raises(SystemExit):  # fp32 training: exact fp32 too
+        cli_verify.main(argv + ["--train-steps", "20", "--precision", "fp32"])
+    assert [env for _, env in calls] == ["0", "0"]
+    calls.clear()
+    # bf16 training (the GPU default) compares at bf16 tolerance: no restart (GPU: under
+    # NVIDIA_TF32_OVERRIDE=0 TE's cuDNN attention failed to load its engines); the run goes on
+    # to its input checks, which refuse the missing directories
+    assert cli_verify.main(argv + ["--train-steps", "20"]) == 1
+    assert cli_verify.main(argv + ["--train-steps", "20", "--precision", "bf16"]) == 1
+    assert calls == []
 
     monkeypatch.setenv(exact_fp32.TF32_OVERRIDE, "0")  # the restarted process goes on
     exact_fp32.restart_with_exact_fp32("verify", argv)
     monkeypatch.delenv(exact_fp32.TF32_OVERRIDE)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: nothing to do
     exact_fp32.restart_with_exact_fp32("verify", argv)
-    assert len(calls) == 1
+    assert calls == []

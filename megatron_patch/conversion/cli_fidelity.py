@@ -43,6 +43,21 @@ def check_fidelity_flags(args: argparse.Namespace) -> None:
                          f"{Hyper.warmup_steps} warm-up steps")
 
 
+def training_precision(args: argparse.Namespace) -> str:
+    """The precision ``--train-steps`` trains in: ``--precision``, auto = bf16 on a GPU."""
+    if args.precision != "auto":
+        return args.precision
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
+def compares_in_fp32(args: argparse.Namespace) -> bool:
+    """Whether this run compares fp32 numbers (logits, layers, fp32 training), which TF32
+    GEMMs would spoil; bf16 training is compared at its own looser tolerance."""
+    return not (args.train_steps and training_precision(args) == "bf16")
+
+
 def run_fidelity(args: argparse.Namespace) -> int | None:
     """Run the requested mode on every rank; None when neither flag is given."""
     if not (args.layers or args.train_steps):
@@ -64,9 +79,7 @@ def run_fidelity(args: argparse.Namespace) -> int | None:
 
     from megatron_patch.conversion.verify_training import TOLERANCE, Hyper, compare_training
 
-    precision = args.precision
-    if precision == "auto":
-        precision = "bf16" if torch.cuda.is_available() else "fp32"
+    precision = training_precision(args)
     tolerance = TOLERANCE[precision] if args.train_tolerance is None else args.train_tolerance
     curves = compare_training(args.hf_dir, args.mcore_dir, steps=args.train_steps,
                               hyper=Hyper(lr=args.lr, min_lr=args.lr / 10),

@@ -22,6 +22,7 @@ from pathlib import Path
 from megatron_patch.conversion.cli_fidelity import (
     add_fidelity_flags,
     check_fidelity_flags,
+    compares_in_fp32,
     run_fidelity,
 )
 from megatron_patch.runtime.exact_fp32 import restart_with_exact_fp32
@@ -103,7 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
-    restart_with_exact_fp32("verify", argv)
+    if compares_in_fp32(args):
+        restart_with_exact_fp32("verify", argv)
     from megatron_patch.conversion.verify import world_size
 
     try:
