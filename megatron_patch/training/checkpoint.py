@@ -42,6 +42,7 @@ from torch.distributed.checkpoint.api import CheckpointException as DCPFailure
 from megatron_patch.models.common.spec import TE_COMPATIBLE_KEYS
 from megatron_patch.training.optimizer_steps import step_convention_loading
 from megatron_patch.utils.files import atomic_write_text, fsync_path, fsync_tree
+from megatron_patch.utils.instance_attributes import instance_attributes
 from megatron_patch.utils.metadata import TRACKER_FILE, checkpoint_metadata
 
 EXTRA_STATE = "_extra_state"
@@ -406,9 +407,8 @@ def _completing(load, module: torch.nn.Module):
     return load_state_dict
 
 
-@contextlib.contextmanager
 def layout_independent_loading(chunks: list[torch.nn.Module], directory: Path | None
-                               ) -> Iterator[None]:
+                               ) -> contextlib.AbstractContextManager[None]:
     """While active, ``chunks`` load checkpoints of either layer implementation (see module)."""
     from megatron.core.utils import unwrap_model
 
@@ -418,17 +418,8 @@ def layout_independent_loading(chunks: list[torch.nn.Module], directory: Path | 
                for inner in unwrap_model(chunks)]
     patched += [(chunk, "load_state_dict", _completing(chunk.load_state_dict, chunk))
                 for chunk in chunks]
-    previous = [(module, name, module.__dict__.get(name)) for module, name, _ in patched]
-    for module, name, replacement in patched:
-        setattr(module, name, replacement)
-    try:
-        yield
-    finally:  # an instance's own replacement (e.g. adapters-only LoRA checkpoints) stays
-        for module, name, value in previous:
-            if value is None:
-                delattr(module, name)
-            else:
-                setattr(module, name, value)
+    # an instance's own earlier replacement (e.g. adapters-only LoRA checkpoints) stays after
+    return instance_attributes(patched)
 
 
 # torch.distributed.checkpoint's notices on every load: meant for library authors, not users.

@@ -11,9 +11,10 @@ Adam's bias correction would start again at step 1.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
+
+from megatron_patch.utils.instance_attributes import instance_attributes
 
 
 def keeps_step_per_parameter(optimizer: torch.optim.Optimizer) -> bool:
@@ -44,19 +45,15 @@ def _inner_optimizers(optimizer) -> list[torch.optim.Optimizer]:
     return [o for o in inner if isinstance(o, torch.optim.Optimizer)]
 
 
-@contextlib.contextmanager
-def step_convention_loading(optimizer) -> Iterator[None]:
+def _loading_either_convention(optimizer: torch.optim.Optimizer):
+    """``optimizer.load_state_dict`` converting the step count to its own convention first."""
+    load, per_parameter = optimizer.load_state_dict, keeps_step_per_parameter(optimizer)
+    return lambda state_dict: load(with_step_convention(state_dict, per_parameter))
+
+
+def step_convention_loading(optimizer) -> contextlib.AbstractContextManager[None]:
     """While active, the torch optimizers inside Megatron's ``optimizer`` (None: none) load
     state dicts of either step convention."""
     inner = _inner_optimizers(optimizer) if optimizer is not None else []
-    for torch_optimizer in inner:
-        load, per_parameter = torch_optimizer.load_state_dict, \
-            keeps_step_per_parameter(torch_optimizer)
-        torch_optimizer.load_state_dict = (
-            lambda state_dict, _load=load, _per=per_parameter:
-            _load(with_step_convention(state_dict, _per)))
-    try:
-        yield
-    finally:
-        for torch_optimizer in inner:
-            del torch_optimizer.load_state_dict
+    return instance_attributes((o, "load_state_dict", _loading_either_convention(o))
+                               for o in inner)
