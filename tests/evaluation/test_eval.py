@@ -155,6 +155,8 @@ def test_task_metrics_equal_lm_eval_hf(runs, name):
             if isinstance(value, float):
                 assert math.isclose(ours["results"][task][metric], value, rel_tol=1e-5,
                                     abs_tol=1e-6), (task, metric)
+    counts = ours["config"]  # tiny_mc's one-token answers to a question share one sequence
+    assert 0 < counts["loglikelihood_sequences"] < counts["loglikelihood_requests"], counts
     texts = [s["resps"] for s in runs[name][1]["tiny_gen"]]
     assert any(t != [[""]] for t in texts), "generation produced nothing to compare"
 
