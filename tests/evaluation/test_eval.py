@@ -183,3 +183,17 @@ def test_missing_lm_eval_names_the_extra(monkeypatch, capsys):
                         lambda name, *a: None if name == "lm_eval" else real(name, *a))
     assert cli_eval.main(["--load", "x", "--tasks", "tiny_mc"]) == 1
     assert "pip install megatron-patch[eval]" in capsys.readouterr().err
+
+
+def test_results_print_as_json_without_lm_eval_table_writer(monkeypatch, caplog):
+    import lm_eval.utils
+
+    from megatron_patch.evaluation import cli_eval
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pytablewriter'", name="pytablewriter")
+
+    monkeypatch.setattr(lm_eval.utils, "make_table", missing)
+    results = {"results": {"tiny_mc": {"acc,none": 0.25}}}
+    assert json.loads(cli_eval._table(results, "results")) == results["results"]
+    assert "needs pytablewriter" in caplog.text

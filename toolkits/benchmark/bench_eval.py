@@ -20,7 +20,9 @@ timed run. Printed: requests per second of each kind, the mcore / hf ratio, and 
 log-likelihood difference (bf16: small, not zero).
 
 GPU: ``python -m toolkits.benchmark.bench_eval [--shape 1.1b] [--batch-size 32]``.
-CPU smoke test (tiny model, fp32): ``... bench_eval --tiny``.
+CPU smoke test (tiny model, fp32): ``... bench_eval --tiny``. Of lm-eval it needs the package
+alone (``pip install --no-deps --target DIR lm_eval-*.whl``, ``PYTHONPATH=DIR``): the requests
+are built here, so neither ``datasets`` nor lm-eval's task machinery is imported.
 """
 
 from __future__ import annotations
