@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import logging
 import os
 import sys
@@ -33,6 +34,7 @@ MODULE = "megatron_patch.evaluation.cli_eval"
 PROG = "megatron-patch eval"
 SHIPPED_TASKS = Path(__file__).resolve().parent.parent / "assets" / "eval_tasks"
 INSTALL_HINT = "pip install megatron-patch[eval]"
+log = logging.getLogger(__name__)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -102,6 +104,19 @@ def load_tasks(names: list[str], include_paths: Sequence[str]) -> tuple[Any, lis
     return manager, built
 
 
+def _table(results: dict, column: str) -> str:
+    """lm-eval's table of ``results[column]``; their JSON where lm-eval's table writer
+    (pytablewriter, absent from a ``pip install --no-deps lm-eval``) cannot be imported."""
+    from lm_eval.utils import make_table
+
+    try:
+        return make_table(results, column)
+    except ModuleNotFoundError as error:
+        log.warning("lm-eval's results table needs %s (%s): printing the %s as JSON",
+                    error.name, INSTALL_HINT, column)
+        return json.dumps(results[column], indent=2, default=str)
+
+
 def _save(tracker, results: dict, log_samples: bool) -> Path:
     """Write lm-eval's results (and samples) files; the results file's path."""
     samples = results.pop("samples", None) if log_samples else None
@@ -125,7 +140,7 @@ def run(options: argparse.Namespace, extra: Sequence[str]) -> int:
     import torch
     from lm_eval import simple_evaluate
     from lm_eval.loggers import EvaluationTracker
-    from lm_eval.utils import make_table, simple_parse_args_string
+    from lm_eval.utils import simple_parse_args_string
 
     from megatron_patch.evaluation.harness_lm import MegatronLM
     from megatron_patch.generation.model import (
@@ -166,9 +181,9 @@ def run(options: argparse.Namespace, extra: Sequence[str]) -> int:
         task_manager=manager, bootstrap_iters=options.bootstrap_iters, **seeds)
     if results is not None and is_rank0():
         written = _save(tracker, results, options.log_samples) if options.output_path else None
-        print(make_table(results), flush=True)
-        if "groups" in results:
-            print(make_table(results, "groups"), flush=True)
+        for column in ("results", "groups"):
+            if column in results:
+                print(_table(results, column), flush=True)
         if written is not None:
             print(f"wrote {written}", flush=True)
     torch.distributed.barrier()

@@ -77,6 +77,8 @@ class MegatronLM(TemplateLM):
         self.generator = Generator(loaded.model, vocab_rows=loaded.vocab_rows,
                                    pad_id=loaded.tokenizer.pad)
         self._truncation_logged = False
+        # loglikelihood requests scored and the model sequences that answered them
+        self.loglikelihood_counts = {"requests": 0, "sequences": 0}
 
     # ------------------------------------------------------------------ lm-eval properties
 
@@ -152,29 +154,42 @@ class MegatronLM(TemplateLM):
 
     def _loglikelihood_tokens(self, requests: list[Request], disable_tqdm: bool = False,
                               **kwargs: Any) -> list[tuple[float, bool]]:
-        """Score token requests, longest first, ``batch_size`` per forward pass."""
-        def longest_first(request: Request):
-            tokens = request[1] + request[2]
+        """Score token requests, longest first, ``batch_size`` sequences per forward pass.
+
+        Requests with equal context + continuation[:-1] (one-token answers to one question, as
+        multiple choice asks) differ only in the last token: one sequence, the group's longest
+        continuation, scores them all (lm-eval's logits cache, ``group_by="contexts"``)."""
+        def longest_first(group: list[int]):
+            tokens = requests[group[0]][1] + requests[group[0]][2]
             return -len(tokens), tuple(tokens)
 
-        order = Collator(requests, sort_fn=longest_first)
-        results = []
+        shared: dict[tuple[int, ...], list[int]] = {}
+        for index, (_, context, continuation) in enumerate(requests):
+            shared.setdefault(tuple(context + continuation[:-1]), []).append(index)
+        groups = [sorted(group, key=lambda i: -len(requests[i][2])) for group in shared.values()]
+        self.loglikelihood_counts["requests"] += len(requests)
+        self.loglikelihood_counts["sequences"] += len(groups)
+        order = Collator(groups, sort_fn=longest_first)
+        answers: list[tuple[float, bool] | None] = [None] * len(requests)
         bar = tqdm(total=len(requests), desc="loglikelihood requests",
                    disable=disable_tqdm or not self.progress)
         for chunk in order.get_batched(n=self.batch_size):
-            rows = [self._window(context, continuation) for _, context, continuation in chunk]
+            rows = [self._window(*requests[group[0]][1:]) for group in chunk]
             nll, greedy = (scores.cpu() for scores in token_scores(
-                self.loaded.model, rows, vocab_rows=self.loaded.vocab_rows))
-            for row, (request, _, continuation) in enumerate(chunk):
+                self.loaded.model, rows, vocab_rows=self.loaded.vocab_rows,
+                finals=[[requests[i][2][-1] for i in group] for group in chunk]))
+            for row, group in enumerate(chunk):
                 end = len(rows[row]) - 1
-                scored = slice(end - len(continuation), end)
-                answer = (-float(nll[row, scored].double().sum()), bool(greedy[row, scored].all()))
-                results.append(answer)
-                if request is not None:
-                    self.cache_hook.add_partial("loglikelihood", request, answer)
-            bar.update(len(chunk))
+                for variant, index in enumerate(group):
+                    request, _, continuation = requests[index]
+                    scored = slice(end - len(continuation), end)
+                    answers[index] = (-float(nll[variant, row, scored].double().sum()),
+                                      bool(greedy[variant, row, scored].all()))
+                    if request is not None:
+                        self.cache_hook.add_partial("loglikelihood", request, answers[index])
+                bar.update(len(group))
         bar.close()
-        return order.get_original(results)
+        return answers
 
     def _window(self, context: list[int], continuation: list[int]) -> list[int]:
         """The last ``max_length + 1`` tokens of context + continuation (inputs + targets)."""
@@ -267,4 +282,6 @@ class MegatronLM(TemplateLM):
         return {"model_dtype": str(next(self.loaded.model.parameters()).dtype),
                 "load": str(args.load), "tensor_model_parallel_size":
                 args.tensor_model_parallel_size, "pipeline_model_parallel_size":
-                args.pipeline_model_parallel_size, "max_length": self.max_length}
+                args.pipeline_model_parallel_size, "max_length": self.max_length,
+                "loglikelihood_requests": self.loglikelihood_counts["requests"],
+                "loglikelihood_sequences": self.loglikelihood_counts["sequences"]}

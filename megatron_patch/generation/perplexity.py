@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from megatron.core import parallel_state, tensor_parallel
+from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from tqdm import tqdm
 
@@ -59,8 +59,9 @@ def windows(documents: Sequence[Sequence[int]], seq_length: int) -> list[list[in
 
 
 def _token_scores(labels: torch.Tensor, vocab_rows: int):
-    """GPTModel ``output_processor``: [2, seq, batch] of each label's NLL over the real
-    vocabulary and whether it is the arg-max token (1.0) or not (0.0)."""
+    """GPTModel ``output_processor``: [2, seq, batch, variants] of each label's NLL over the real
+    vocabulary and whether it is the arg-max token (1.0) or not (0.0); ``labels`` is
+    [seq, batch, variants]."""
     def processor(*, hidden_states, output_layer, output_weight, scale_logits, **_):
         logits, _ = output_layer(hidden_states, weight=output_weight,
                                  runtime_gather_output=False)
@@ -69,16 +70,17 @@ def _token_scores(labels: torch.Tensor, vocab_rows: int):
         start = parallel_state.get_tensor_model_parallel_rank() * shard
         padding = torch.arange(start, start + shard, device=logits.device) >= vocab_rows
         logits = logits.masked_fill(padding, float("-inf"))
-        targets = labels.t()
-        local = (targets >= start) & (targets < start + shard)
-        label_logit = torch.where(local, logits.gather(
-            -1, (targets - start).clamp(0, shard - 1)[..., None])[..., 0], float("-inf"))
-        top = logits.max(-1).values
+        local = (labels >= start) & (labels < start + shard)
+        label_logit = torch.where(local, logits.gather(-1, (labels - start).clamp(0, shard - 1)),
+                                  float("-inf"))
+        top = logits.max(-1, keepdim=True).values
         group = parallel_state.get_tensor_model_parallel_group()
         for value in (label_logit, top):
             torch.distributed.all_reduce(value, torch.distributed.ReduceOp.MAX, group=group)
-        # vocab_parallel_cross_entropy works on the logits in place: the arg-max test goes first
-        nll = tensor_parallel.vocab_parallel_cross_entropy(logits, targets.contiguous())
+        # log of the softmax's denominator over the vocabulary split across TP ranks, in place
+        total = logits.sub_(top).exp_().sum(-1, keepdim=True)
+        torch.distributed.all_reduce(total, group=group)
+        nll = top + total.log() - label_logit
         return torch.stack([nll, (label_logit >= top).float()])
     return processor
 
@@ -87,32 +89,46 @@ def _identity(output: torch.Tensor, non_loss_data: bool = False) -> torch.Tensor
     return output
 
 
-def token_scores(model: torch.nn.Module, rows: Sequence[Sequence[int]], *,
-                 vocab_rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token (NLL, is-arg-max) [batch, longest - 1] of each row's tokens 1.. given the
-    tokens before them (rows are right-padded, so positions past a row's end are garbage);
-    the same on every rank of the model-parallel group."""
+def token_scores(model: torch.nn.Module, rows: Sequence[Sequence[int]], *, vocab_rows: int,
+                 finals: Sequence[Sequence[int]] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token (NLL, is-arg-max) [variants, batch, longest - 1] of each row's tokens 1.. given
+    the tokens before them (rows are right-padded, so positions past a row's end are garbage);
+    the same on every rank of the model-parallel group.
+
+    Variant ``j`` scores row ``b`` with its last token replaced by ``finals[b][j]`` (rows with
+    fewer finals repeat their first), all from one forward pass; without ``finals`` there is
+    one variant, the rows as given."""
     device = next(model.parameters()).device
     length = max(len(r) for r in rows) - 1
     data = torch.tensor([list(r) + [0] * (length + 1 - len(r)) for r in rows],
                         dtype=torch.long, device=device)
+    finals = finals or [[r[-1]] for r in rows]
+    if len(finals) != len(rows) or not all(finals):
+        raise ValueError("token_scores: finals needs at least one token for every row")
+    variants = max(len(f) for f in finals)
+    labels = data[:, 1:, None].repeat(1, 1, variants)  # [batch, seq, variants]
+    for row, (tokens, final) in enumerate(zip(rows, finals)):
+        labels[row, len(tokens) - 2] = torch.tensor(
+            list(final) + [final[0]] * (variants - len(final)), device=device)
 
     def step(data_iterator, chunk):
-        tokens, labels = next(data_iterator)
+        tokens, targets = next(data_iterator)
         positions = torch.arange(tokens.shape[1], device=device)[None].expand_as(tokens)
         return (chunk(tokens, positions, None,
-                      output_processor=_token_scores(labels, vocab_rows)), _identity)
+                      output_processor=_token_scores(targets, vocab_rows)), _identity)
 
     model.eval()
     with torch.no_grad():
         outputs = get_forward_backward_func()(
-            forward_step_func=step, data_iterator=iter([(data[:, :-1], data[:, 1:])]),
+            forward_step_func=step,
+            data_iterator=iter([(data[:, :-1], labels.transpose(0, 1).contiguous())]),
             model=[model], num_microbatches=1, seq_length=length,
             micro_batch_size=len(rows), forward_only=True, collect_non_loss_data=True)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
-        scores = outputs[0].transpose(1, 2).contiguous()  # [2, batch, seq]
+        scores = outputs[0].permute(0, 3, 2, 1).contiguous()  # [2, variants, batch, seq]
     else:
-        scores = torch.empty(2, len(rows), length, dtype=torch.float32, device=device)
+        scores = torch.empty(2, variants, len(rows), length, dtype=torch.float32, device=device)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         torch.distributed.broadcast(scores, parallel_state.get_pipeline_model_parallel_last_rank(),
                                     group=parallel_state.get_pipeline_model_parallel_group())
@@ -128,7 +144,7 @@ def negative_log_likelihood(model: torch.nn.Module, token_windows: Sequence[Sequ
     for start in range(0, len(token_windows), batch_size):
         batch = token_windows[start:start + batch_size]
         progress.update(len(batch))
-        nll, _ = token_scores(model, batch, vocab_rows=vocab_rows)
+        nll = token_scores(model, batch, vocab_rows=vocab_rows)[0][0]
         counted = torch.tensor([[i < len(w) - 1 for i in range(nll.shape[1])] for w in batch],
                                device=nll.device)
         total += torch.stack([nll[counted].double().sum(), counted.sum().double()]).cpu()

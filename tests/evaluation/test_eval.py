@@ -155,6 +155,8 @@ def test_task_metrics_equal_lm_eval_hf(runs, name):
             if isinstance(value, float):
                 assert math.isclose(ours["results"][task][metric], value, rel_tol=1e-5,
                                     abs_tol=1e-6), (task, metric)
+    counts = ours["config"]  # tiny_mc's one-token answers to a question share one sequence
+    assert 0 < counts["loglikelihood_sequences"] < counts["loglikelihood_requests"], counts
     texts = [s["resps"] for s in runs[name][1]["tiny_gen"]]
     assert any(t != [[""]] for t in texts), "generation produced nothing to compare"
 
@@ -181,3 +183,17 @@ def test_missing_lm_eval_names_the_extra(monkeypatch, capsys):
                         lambda name, *a: None if name == "lm_eval" else real(name, *a))
     assert cli_eval.main(["--load", "x", "--tasks", "tiny_mc"]) == 1
     assert "pip install megatron-patch[eval]" in capsys.readouterr().err
+
+
+def test_results_print_as_json_without_lm_eval_table_writer(monkeypatch, caplog):
+    import lm_eval.utils
+
+    from megatron_patch.evaluation import cli_eval
+
+    def missing(*args, **kwargs):
+        raise ModuleNotFoundError("No module named 'pytablewriter'", name="pytablewriter")
+
+    monkeypatch.setattr(lm_eval.utils, "make_table", missing)
+    results = {"results": {"tiny_mc": {"acc,none": 0.25}}}
+    assert json.loads(cli_eval._table(results, "results")) == results["results"]
+    assert "needs pytablewriter" in caplog.text

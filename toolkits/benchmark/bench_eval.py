@@ -1,10 +1,16 @@
 """Benchmark-evaluation speed: ``megatron-patch eval``'s model against lm-eval's HF backend.
 
 Both serve the same lm-eval requests on the same randomly initialised Llama-shaped model (bf16,
-one GPU, the shipped tokenizer): ``--requests`` loglikelihood requests (a context of
-``--context-chars`` characters of the shipped corpus and a few words of continuation, as a
-multiple-choice benchmark asks) and ``--requests / 8`` greedy ``generate_until`` requests
-(``max_gen_toks`` 64, stopping at a blank line), ``--batch-size`` at a time:
+one GPU, the shipped tokenizer), ``--batch-size`` at a time:
+
+- ``loglikelihood``: ``--requests`` requests, each a context of ``--context-chars`` characters of
+  the shipped corpus and a few words of continuation;
+- ``multiple_choice``: ``--requests`` requests, four one-letter answers to each of a quarter as
+  many contexts (both engines score the answers of one context from one sequence);
+- ``generate_until``: ``--requests / 8`` greedy requests (``max_gen_toks`` 64, stopping at a
+  blank line).
+
+Engines:
 
 - ``hf``: ``lm_eval.models.huggingface.HFLM`` (transformers, SDPA attention);
 - ``mcore``: :class:`megatron_patch.evaluation.harness_lm.MegatronLM` on the converted checkpoint.
@@ -14,7 +20,9 @@ timed run. Printed: requests per second of each kind, the mcore / hf ratio, and 
 log-likelihood difference (bf16: small, not zero).
 
 GPU: ``python -m toolkits.benchmark.bench_eval [--shape 1.1b] [--batch-size 32]``.
-CPU smoke test (tiny model, fp32): ``... bench_eval --tiny``.
+CPU smoke test (tiny model, fp32): ``... bench_eval --tiny``. Of lm-eval it needs the package
+alone (``pip install --no-deps --target DIR lm_eval-*.whl``, ``PYTHONPATH=DIR``): the requests
+are built here, so neither ``datasets`` nor lm-eval's task machinery is imported.
 """
 
 from __future__ import annotations
@@ -32,7 +40,8 @@ import torch
 from toolkits.benchmark.bench_generation import SHAPES, spawn_worker
 
 ENGINES = ("hf", "mcore")
-KINDS = ("loglikelihood", "generate_until")
+KINDS = ("loglikelihood", "multiple_choice", "generate_until")
+CHOICES = (" A", " B", " C", " D")
 
 
 def _requests(opts: argparse.Namespace) -> dict[str, list]:
@@ -45,8 +54,11 @@ def _requests(opts: argparse.Namespace) -> dict[str, list]:
     pairs = [(t[:opts.context_chars], " " + " ".join(t[opts.context_chars:].split()[:3]))
              for t in texts]
     until = {"until": ["\n\n"], "max_gen_toks": 64, "do_sample": False}
+    questions = [context for context, _ in pairs[:max(1, len(pairs) // len(CHOICES))]]
     return {"loglikelihood": [Instance("loglikelihood", {}, pair, i)
                               for i, pair in enumerate(pairs)],
+            "multiple_choice": [Instance("loglikelihood", {}, (context, choice), i)
+                                for i, context in enumerate(questions) for choice in CHOICES],
             "generate_until": [Instance("generate_until", {}, (context, until), i)
                                for i, (context, _) in enumerate(pairs[:max(1, len(pairs) // 8)])]}
 
@@ -76,15 +88,16 @@ def run_worker(opts: argparse.Namespace) -> dict:
     model = _model(opts, opts.worker)
     results = {}
     for kind, requests in _requests(opts).items():
-        getattr(model, kind)(requests[:max(1, len(requests) // 10)])
+        serve = getattr(model, requests[0].request_type)
+        serve(requests[:max(1, len(requests) // 10)])
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        answers = getattr(model, kind)(requests)
+        answers = serve(requests)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         results[kind] = {"seconds": time.perf_counter() - start, "requests": len(requests),
-                         "answers": [a[0] if kind == "loglikelihood" else a for a in answers]}
+                         "answers": [a if kind == "generate_until" else a[0] for a in answers]}
     return results
 
 
@@ -152,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
         line = "  ".join(f"{e} {rate:8.1f} req/s" for e, rate in rates.items())
         if len(rates) == 2:
             line += f"  mcore/hf {rates['mcore'] / rates['hf']:.2f}x"
-            if kind == "loglikelihood":
+            if kind != "generate_until":
                 diff = max(abs(a - b) for a, b in zip(results["hf"][kind]["answers"],
                                                       results["mcore"][kind]["answers"]))
                 line += f"  max |loglikelihood difference| {diff:.3g}"
