@@ -12,7 +12,7 @@ caches and memory do not leak between them:
   gradients, distributed-optimizer Adam), with the default GPU fast paths;
 - ``mcore-fp8``: the same with ``--fp8-format hybrid`` (Transformer Engine when installed,
   else torchao float8 GEMMs);
-- ``titan``: torchtitan's (0.3.0, needs torch >= 2.12) Llama 3 model at the same shape, built
+- ``titan``: torchtitan's (0.3.0, needs torch >= 2.13) Llama 3 model at the same shape, built
   and trained the way its ``Trainer`` does on one GPU, from its own functions: fp32 weights under
   FSDP2's bf16 mixed-precision policy (``parallelize_llama``), ``torch.compile`` per block and of
   the loss, FlexAttention (``--titan-attn``), chunked cross-entropy, its CUDA graph of
