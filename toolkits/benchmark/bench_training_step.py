@@ -156,11 +156,8 @@ def titan_model_config(shape: tuple[int, ...], seq: int, *, fp8: bool, compiled:
 
 def build_titan_step(shape: tuple[int, ...], tokens: torch.Tensor, *, fp8: bool, compiled: bool,
                      cuda_graphs: bool, attn: str = "flex") -> Callable[[], torch.Tensor]:
-    """torchtitan's one-GPU training step, put together from its own pieces as its ``Trainer``
-    does: fp32 weights under FSDP2's bf16 mixed-precision policy (``parallelize_llama``),
-    per-block ``torch.compile`` and compiled loss, chunked cross-entropy, its CUDA graph of
-    forward+backward, grad clipping at 1.0, fused AdamW (``default_adamw``) and LR schedule.
-    No activation checkpointing (no engine here recomputes). Returns a step returning the loss."""
+    """torchtitan's one-GPU training step from its own pieces, as its ``Trainer`` assembles them
+    (no activation checkpointing: no engine here recomputes); the step returns the loss."""
     from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
     from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
     from torchtitan.config import CommConfig, CompileConfig, ParallelismConfig, TrainingConfig
