@@ -1,4 +1,5 @@
-"""Full training-step speed of megatron-patch against Hugging Face transformers on one GPU.
+"""Full training-step speed of megatron-patch against Hugging Face transformers and torchtitan
+on one GPU.
 
 Each engine trains the same Llama-shaped model on the same random tokens, one full step at a time
 (forward, backward, gradient clipping at 1.0, AdamW update), in its own process so that compile
@@ -10,13 +11,22 @@ caches and memory do not leak between them:
 - ``mcore``: our Megatron-Core model through our training step (bf16 weights, fp32 main
   gradients, distributed-optimizer Adam), with the default GPU fast paths;
 - ``mcore-fp8``: the same with ``--fp8-format hybrid`` (Transformer Engine when installed,
-  else torchao float8 GEMMs).
+  else torchao float8 GEMMs);
+- ``titan``: torchtitan's (0.3.0, needs torch >= 2.13) Llama 3 model at the same shape, built
+  and trained the way its ``Trainer`` does on one GPU, from its own functions: fp32 weights under
+  FSDP2's bf16 mixed-precision policy (``parallelize_llama``), ``torch.compile`` per block and of
+  the loss, FlexAttention (``--titan-attn``), chunked cross-entropy, its CUDA graph of
+  forward+backward (``--titan-eager`` turns it off), ``default_adamw`` (fused; betas 0.9/0.95,
+  weight decay 0.1) with its LR schedule; no activation checkpointing, like the others;
+- ``titan-fp8``: the same with torchtitan's float8 converter (torchao ``Float8Linear``, its
+  default rowwise recipe) on every linear layer but the output layer (``filter_fqns`` as in its
+  Llama 3 405B recipe).
 
 Prints the median of ``--iters`` timed steps (CUDA events, after warm-up): tokens/s, model
 TFLOP/s by Megatron's FLOP formula, MFU against the 989 TFLOP/s H100 dense bf16 peak and against
 the bf16 matmul ceiling measured in the same run, peak GPU memory, and the ratio to
 ``hf-compile``. Run on one GPU: ``python -m toolkits.benchmark.bench_training_step
-[--shape 1.1b|3b] [--seq 2048] [--mbs 4] [--engines hf-compile,mcore,mcore-fp8]
+[--shape 1.1b|3b] [--seq 2048] [--mbs 4] [--engines hf-compile,mcore,mcore-fp8,titan]
 [-- extra Megatron flags]``.
 """
 
@@ -30,15 +40,20 @@ import statistics
 import subprocess
 import sys
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from torchtitan.models.llama3 import Llama3Model
 
 H100_BF16_PEAK_TFLOPS = 989.0
 SHAPES = {  # name -> (layers, hidden, ffn, heads, kv heads, vocab)
     "1.1b": (16, 2048, 8192, 16, 8, 32000),
     "3b": (28, 3072, 8192, 24, 8, 32000),
 }
-ENGINES = ("hf", "hf-compile", "mcore", "mcore-fp8")
+ENGINES = ("hf", "hf-compile", "mcore", "mcore-fp8", "titan", "titan-fp8")
+TITAN_FFN_MULTIPLE = 256  # torchtitan multiple_of; a matching multiplier gives SHAPES ffn
 
 
 def _median_ms(step: Callable[[], None], warmup: int, iters: int) -> float:
@@ -85,6 +100,131 @@ def run_hf(opts: argparse.Namespace, compiled: bool) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    step_ms = _median_ms(step, opts.warmup, opts.iters)
+    if opts.profile:
+        _print_profile(step, opts.profile)
+    return {"step_ms": step_ms}
+
+
+def titan_model_config(shape: tuple[int, ...], seq: int, *, fp8: bool, compiled: bool,
+                       attn: str) -> Llama3Model.Config:
+    """torchtitan's ``Llama3Model.Config`` at ``shape`` (untied output, RoPE theta 1e4 unscaled,
+    RMSNorm eps 1e-5), float8 through its converter with the output layer left in bf16."""
+    from torchtitan.components.quantization import Float8LinearConverter
+    from torchtitan.models.common import (
+        ComplexRoPE,
+        Embedding,
+        Linear,
+        RMSNorm,
+        compute_ffn_hidden_dim,
+    )
+    from torchtitan.models.llama3 import (
+        _EMBEDDING_INIT,
+        _NORM_INIT,
+        Llama3Model,
+        _build_llama3_layers,
+        _output_linear_init,
+    )
+    from torchtitan.models.llama3.sharding import set_llama3_sharding_config
+
+    layers, hidden, ffn, heads, kv_heads, vocab = shape
+    multiplier = ffn / int(8 * hidden / 3)
+    ffn_dim = compute_ffn_hidden_dim(hidden, multiple_of=TITAN_FFN_MULTIPLE,
+                                     ffn_dim_multiplier=multiplier)
+    assert ffn_dim == ffn, f"torchtitan ffn {ffn_dim} != {ffn}"
+    config = Llama3Model.Config(
+        dim=hidden, vocab_size=vocab,
+        tok_embeddings=Embedding.Config(num_embeddings=vocab, embedding_dim=hidden,
+                                        param_init=_EMBEDDING_INIT),
+        norm=RMSNorm.Config(normalized_shape=hidden, eps=1e-5, param_init=_NORM_INIT),
+        lm_head=Linear.Config(in_features=hidden, out_features=vocab,
+                              param_init=_output_linear_init(hidden)),
+        layers=_build_llama3_layers(
+            n_layers=layers, dim=hidden, n_heads=heads, n_kv_heads=kv_heads, hidden_dim=ffn_dim,
+            rope=ComplexRoPE.Config(dim=hidden // heads, max_seq_len=seq),
+            attn_backend=attn))
+    for layer in config.layers:
+        assert layer.attention_norm.eps == layer.ffn_norm.eps == 1e-5
+    if fp8:
+        converter = Float8LinearConverter.Config(
+            filter_fqns=["lm_head"], model_compile_enabled=compiled,
+            emulate=not torch.cuda.is_available())  # emulated only when checked on a CPU
+        config = converter.build().convert(config)
+    set_llama3_sharding_config(config, enable_sp=True)  # what Llama3Model.Config adds on update
+    return config
+
+
+def build_titan_step(shape: tuple[int, ...], tokens: torch.Tensor, *, fp8: bool, compiled: bool,
+                     cuda_graphs: bool, attn: str = "flex") -> Callable[[], torch.Tensor]:
+    """torchtitan's one-GPU training step from its own pieces, as its ``Trainer`` assembles them
+    (no activation checkpointing: no engine here recomputes); the step returns the loss."""
+    from torchtitan.components.loss import ChunkedLossWrapper, CrossEntropyLoss
+    from torchtitan.components.optimizer import LRSchedulersContainer, default_adamw
+    from torchtitan.config import CommConfig, CompileConfig, ParallelismConfig, TrainingConfig
+    from torchtitan.distributed import ParallelDims
+    from torchtitan.distributed import utils as dist_utils
+    from torchtitan.distributed.cudagraph import wrap_with_cuda_graph
+    from torchtitan.models.llama3 import parallelize_llama
+    from torchtitan.tools import utils
+
+    mbs, seq = tokens.shape
+    training = TrainingConfig(local_batch_size=mbs, seq_len=seq, max_norm=1.0,
+                              disable_cuda_graphs=not cuda_graphs)
+    parallelism = ParallelismConfig()
+    compile_config = CompileConfig(enable=compiled)
+    world_size = dist_utils.init_distributed(CommConfig(trace_buf_size=0))
+    parallel_dims = ParallelDims.from_config(parallelism, world_size)
+    dist_utils.set_spmd_backend(parallelism.spmd_backend)
+    config = titan_model_config(shape, seq, fp8=fp8, compiled=compiled, attn=attn)
+    with torch.device("meta"), utils.set_default_dtype(torch.float32):
+        model = config.build()
+    model.verify_module_protocol()
+    model = parallelize_llama(model, parallel_dims=parallel_dims, training=training,
+                              parallelism=parallelism, compile_config=compile_config,
+                              ac_config=None, dump_folder="")
+    model.to_empty(device=utils.device_type)
+    with torch.no_grad():
+        model.init_weights(buffer_device=None)
+    model.train()
+    loss_fn = ChunkedLossWrapper.Config(
+        loss_fn=CrossEntropyLoss.Config(global_vocab_size=shape[5])).build(
+        compile_config=compile_config)
+    loss_fn.set_lm_head(model.lm_head)
+    model._skip_lm_head = True
+    optimizers = default_adamw(lr=1e-4).build(model_parts=[model])
+    schedulers = LRSchedulersContainer.Config().build(optimizers=optimizers, training_steps=1000)
+    train_context = dist_utils.get_spmd_context(parallel_dims=parallel_dims)
+    labels = torch.roll(tokens, -1, dims=1)
+    positions = torch.arange(seq, device=tokens.device).expand_as(tokens)
+    valid_tokens = torch.tensor(labels.numel(), device=tokens.device)
+
+    def forward_backward(inputs: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor,
+                         extra: dict) -> torch.Tensor:
+        with train_context():
+            loss, _ = loss_fn(model(inputs, **extra), targets, valid,
+                              positions=extra["positions"])
+            loss.backward()
+        return loss
+
+    fwd_bwd = wrap_with_cuda_graph(forward_backward) if cuda_graphs else forward_backward
+
+    def step() -> torch.Tensor:
+        optimizers.zero_grad(set_to_none=not cuda_graphs)
+        extra = {"positions": positions,
+                 "attention_masks": model.get_attention_masks(positions=positions)}
+        loss = fwd_bwd(tokens, labels, valid_tokens, extra)
+        dist_utils.clip_grad_norm_(list(model.parameters()), training.max_norm, foreach=True)
+        optimizers.step()
+        schedulers.step()
+        return loss
+
+    return step
+
+
+def run_titan(opts: argparse.Namespace, fp8: bool) -> dict:
+    """torchtitan's full training step at our shape, compiled as its trainer compiles it."""
+    step = build_titan_step(SHAPES[opts.shape], _tokens(opts), fp8=fp8, compiled=True,
+                            cuda_graphs=not opts.titan_eager, attn=opts.titan_attn)
     step_ms = _median_ms(step, opts.warmup, opts.iters)
     if opts.profile:
         _print_profile(step, opts.profile)
@@ -213,6 +353,8 @@ def worker(opts: argparse.Namespace, extra: list[str]) -> None:
     torch.cuda.reset_peak_memory_stats()
     if opts.worker.startswith("hf"):
         result = run_hf(opts, compiled=opts.worker == "hf-compile")
+    elif opts.worker.startswith("titan"):
+        result = run_titan(opts, fp8=opts.worker == "titan-fp8")
     else:
         result = run_mcore(opts, fp8=opts.worker == "mcore-fp8", extra=extra)
     result["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -259,8 +401,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--engines", default="hf-compile,mcore,mcore-fp8")
     parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                        help="also profile STEPS steps of our engines: GPU-busy share, time per "
+                        help="also profile STEPS steps of each engine: GPU-busy share, time per "
                              "kernel kind, top kernels")
+    parser.add_argument("--titan-attn", choices=("flex", "flex_flash", "varlen"), default="flex",
+                        help="torchtitan's attention backend (its Llama 3 default: flex)")
+    parser.add_argument("--titan-eager", action="store_true",
+                        help="torchtitan without its default CUDA graph of forward+backward")
     parser.add_argument("--worker", choices=ENGINES, help=argparse.SUPPRESS)
     opts = parser.parse_args(own)
     if opts.worker:
