@@ -101,8 +101,7 @@ def token_scores(model: torch.nn.Module, rows: Sequence[Sequence[int]], *, vocab
     one variant, the rows as given."""
     device = next(model.parameters()).device
     length = max(len(r) for r in rows) - 1
-    data = torch.tensor([list(r) + [0] * (length + 1 - len(r)) for r in rows],
-                        dtype=torch.long, device=device)
+    data = torch.tensor([list(r) + [0] * (length + 1 - len(r)) for r in rows], dtype=torch.long)
     finals = finals or [[r[-1]] for r in rows]
     if len(finals) != len(rows) or not all(finals):
         raise ValueError("token_scores: finals needs at least one token for every row")
@@ -110,7 +109,8 @@ def token_scores(model: torch.nn.Module, rows: Sequence[Sequence[int]], *, vocab
     labels = data[:, 1:, None].repeat(1, 1, variants)  # [batch, seq, variants]
     for row, (tokens, final) in enumerate(zip(rows, finals)):
         labels[row, len(tokens) - 2] = torch.tensor(
-            list(final) + [final[0]] * (variants - len(final)), device=device)
+            list(final) + [final[0]] * (variants - len(final)))
+    data, labels = data.to(device), labels.to(device)
 
     def step(data_iterator, chunk):
         tokens, targets = next(data_iterator)
