@@ -1,7 +1,7 @@
 """A parallel layout and every rule it must meet for a model, held once.
 
 The launcher (``launch/command.py``), Megatron's argument checks (``config_checks.py``)
-and conversion (``conversion/hf_to_mcore.py``, ``conversion/card.py``) build a
+and conversion (``conversion/hf_to_mcore.py``, ``conversion/verify/card.py``) build a
 :class:`ParallelLayout` of the sizes they know and ask it for its :meth:`ParallelLayout.problems`
 with the model's Megatron argument values. A :class:`Problem` is data (the rule, the sizes at
 fault, the model field, the fix); each caller renders it with its own :class:`Wording`, so the
