@@ -1,12 +1,13 @@
 """A parallel layout and every rule it must meet for a model, held once.
 
-The launcher (``launch/command.py``), Megatron's argument checks (``config_checks.py``)
-and conversion (``conversion/hf_to_mcore.py``, ``conversion/card.py``) build a
-:class:`ParallelLayout` of the sizes they know and ask it for its :meth:`ParallelLayout.problems`
-with the model's Megatron argument values. A :class:`Problem` is data (the rule, the sizes at
-fault, the model field, the fix); each caller renders it with its own :class:`Wording`, so the
-launcher says ``TP=3``, Megatron's checks ``--tensor-model-parallel-size 3`` and the converter
-``--tp 3``.
+The launcher (``launch/command.py``), ``plan`` (``launch/plan.py``), Megatron's argument checks
+(``config_checks.py``) and conversion (``conversion/hf_to_mcore.py``,
+``conversion/verify/card.py``) build a :class:`ParallelLayout` of the sizes they know and ask it
+for its :meth:`ParallelLayout.problems` with the model's Megatron argument values; the memory
+model (``launch/memory.py``) takes its derived sizes (DP, micro-batches, expert DP) from it.
+A :class:`Problem` is data (the rule, the sizes at fault, the model field, the fix); each caller
+renders it with its own :class:`Wording`, so the launcher says ``TP=3``, Megatron's checks
+``--tensor-model-parallel-size 3`` and the converter ``--tp 3``.
 
 Sizes a caller does not know stay None and the rules that need them are not checked (the
 converter knows no process count or batch; a dry run of the launcher assumes its process count,
@@ -252,6 +253,23 @@ class ParallelLayout:
         return self.tp * self.pp * self.cp
 
     @property
+    def expert_model_parallel(self) -> int:
+        """Processes of one replica of the experts: EP x expert TP x PP."""
+        return self.ep * self.expert_tp * self.pp
+
+    @property
+    def expert_dp(self) -> int | None:
+        """Data-parallel replicas of each expert (the process count over
+        :attr:`expert_model_parallel`, rounded down), where the process count is known."""
+        return None if self.world is None else self.world // self.expert_model_parallel
+
+    @classmethod
+    def of_replicas(cls, dp: int, **sizes: Any) -> ParallelLayout:
+        """The layout of ``dp`` data-parallel replicas of ``sizes`` (world: DP x TP x PP x CP)."""
+        replica = cls(**sizes)
+        return dataclasses.replace(replica, world=dp * replica.model_parallel)
+
+    @property
     def dp(self) -> int | None:
         """Data-parallel replicas, where the process count is known and divides."""
         if self.world is None or self.world % self.model_parallel:
@@ -312,7 +330,7 @@ class ParallelLayout:
         if experts and model.get(expert_ffn) and model[expert_ffn] % self.expert_tp:
             add("expert_ffn", ("expert_tp",), expert_ffn)
         if world is not None and (self.ep > 1 or self.etp is not None) \
-                and world % (self.ep * self.expert_tp * pp):
+                and world % self.expert_model_parallel:
             add("expert_world", ("ep", "expert_tp", "pp"), world=world)
         if experts and self.ep > 1 and tp > 1 and self.sp is False:
             add("ep_tp_needs_sp", ("ep", "tp", "sp"), kind=TRAINING)

@@ -31,7 +31,9 @@ LAYERS: tuple[tuple[str, str], ...] = (
     ("megatron_patch.config_checks", "flag combinations that cannot run"),
     ("megatron_patch.arguments", "Megatron-LM's parser plus our flags"),
     ("megatron_patch.training", "initialisation, the loop, checkpoints, the entry points"),
-    ("megatron_patch.conversion", "HF <-> Megatron checkpoints, verification, cards"),
+    ("megatron_patch.conversion", "the HF <-> Megatron checkpoint engine, PEFT interchange"),
+    ("megatron_patch.conversion.verify", "HF vs Megatron logits, layers, training; cards"),
+    ("megatron_patch.conversion.cli", "the `convert`, `verify` and `card` commands"),
     ("megatron_patch.generation", "generation and perplexity on Megatron checkpoints"),
     ("megatron_patch.evaluation", "lm-evaluation-harness on Megatron checkpoints, `eval`"),
     ("megatron_patch.lora", "the PEFT adapter commands import-lora / export-lora"),
@@ -152,8 +154,9 @@ def test_imports_run_downward():
 
 
 def test_a_planted_upward_import_is_named(tmp_path):
-    """The check itself: upward imports at module level, in a function and through
-    ``import_module`` are each reported with their file, line and imported module."""
+    """The check itself: upward imports at module level, in a function, through
+    ``import_module`` and from a package into its own higher subpackage (conversion's engine
+    into its verifiers) are each reported with their file, line and imported module."""
     layers = (("pkg.low", ""), ("pkg", ""), ("pkg.high", ""))
     files = {
         "pkg/__init__.py": "",
@@ -169,6 +172,7 @@ def test_a_planted_upward_import_is_named(tmp_path):
                 return importlib.import_module("pkg.high.b")
             """),
         "pkg/high/b.py": "from pkg.low import c\nfrom . import b\n",
+        "pkg/mid.py": "from .high import b\n",
     }
     for name, text in files.items():
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
@@ -180,4 +184,5 @@ def test_a_planted_upward_import_is_named(tmp_path):
         "a higher layer",
         "pkg/low/c.py:6 (in lazy): pkg.low.c [pkg.low] imports pkg.high.b [pkg.high], "
         "a higher layer",
+        "pkg/mid.py:1: pkg.mid [pkg] imports pkg.high.b [pkg.high], a higher layer",
     ]

@@ -77,6 +77,14 @@ def test_a_valid_layout_has_no_problems():
     assert ParallelLayout(tp=2, ep=2, sp=None).problems(MOE) == []
 
 
+def test_derived_sizes():
+    layout = ParallelLayout.of_replicas(4, tp=2, pp=2, cp=2, ep=4, etp=1, micro_batch=2,
+                                        global_batch=64)
+    assert (layout.world, layout.dp, layout.microbatches) == (32, 4, 8)
+    assert (layout.expert_model_parallel, layout.expert_dp) == (8, 4)  # EP x ETP x PP = 4 x 1 x 2
+    assert ParallelLayout(tp=2, ep=2).expert_dp is None  # the process count is not known
+
+
 # Refused by all three, each in its own words: (layout, MoE, processes, launcher's message,
 # Megatron's, the converter's).
 SAME_REFUSALS = [

@@ -215,3 +215,14 @@ def test_experts_are_split_by_expert_parallelism():
     assert sharded == pytest.approx(12 * four.dense / 4 + 12 * four.expert / 1)
     found = candidates(moe, gpus=8, seq=1024, global_batch=64, gpu_mem_gib=80)
     assert {c.layout.ep for c in found} >= {1, 2, 4, 8}
+
+
+def test_plan_proposes_only_layouts_the_parallel_rules_accept():
+    """plan's filter is ParallelLayout's: TP must also divide the FFN size (8 heads would allow
+    TP=8; the FFN size 1020 = 4 x 255 does not)."""
+    from megatron_patch.launch.plan import candidates
+
+    model = Shape(layers=4, hidden=512, ffn=1020, heads=8, groups=8, head_dim=64, vocab=32768)
+    found = candidates(model, gpus=8, seq=1024, global_batch=64, gpu_mem_gib=80)
+    assert {c.layout.tp for c in found} == {1, 2, 4}
+    assert not [c.layout for c in found if c.layout.parallel.problems(model.layout_args())]

@@ -100,7 +100,7 @@ def test_transformer_engine_norm_parameters_start_at_one(model_parallel):
 def test_fp32_comparisons_restart_with_tf32_off_on_a_gpu(monkeypatch):
     """TE's fp32 GEMMs run in TF32 unless NVIDIA_TF32_OVERRIDE=0 is set when the process starts
     (GPU: MoE verify 0.49 max logits difference): verify and card re-execute with it."""
-    from megatron_patch.conversion import cli_verify
+    from megatron_patch.conversion.cli import verify as cli_verify
     from megatron_patch.runtime import exact_fp32
 
     calls = []

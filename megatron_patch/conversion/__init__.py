@@ -8,7 +8,10 @@ Public API (imported lazily, so importing one submodule does not import them all
   TP/PP) -> HF model directory loadable with ``AutoModelForCausalLM.from_pretrained``.
 * :func:`build_model_from_hf_config` - this rank's Megatron model for an HF model, optionally
   with its weights, on the current Megatron parallel state.
-* :func:`compare_logits` - max abs HF vs Megatron logits difference.
+
+The verifiers that compare a converted checkpoint with transformers are in
+:mod:`megatron_patch.conversion.verify`, the ``convert``, ``verify`` and ``card`` commands in
+:mod:`megatron_patch.conversion.cli`; both build on this engine, which imports neither.
 """
 
 import importlib
@@ -16,7 +19,6 @@ import importlib
 _EXPORTS = {
     "ConversionError": "megatron_patch.conversion.engine",
     "build_model_from_hf_config": "megatron_patch.conversion.hf_model",
-    "compare_logits": "megatron_patch.conversion.verify",
     "convert_hf_to_mcore": "megatron_patch.conversion.hf_to_mcore",
     "convert_mcore_to_hf": "megatron_patch.conversion.mcore_to_hf",
 }

@@ -25,10 +25,12 @@ last stage adds the logits and the cross-entropy's fp32 softmax for one micro-ba
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
 from megatron_patch.models.vocab import padded_vocab_size
+from megatron_patch.parallel_layout import ParallelLayout
 
 GIB = 1024**3
 
@@ -100,6 +102,13 @@ class Shape:
             embedding_norm=bool(a.get("embedding_layernorm")),
         )
 
+    def layout_args(self) -> dict[str, Any]:
+        """The Megatron argument values :meth:`ParallelLayout.problems` reads."""
+        return {"num_layers": self.layers, "num_attention_heads": self.heads,
+                "group_query_attention": True, "num_query_groups": self.groups,
+                "kv_channels": self.head_dim, "ffn_hidden_size": self.ffn,
+                "num_experts": self.experts, "moe_ffn_hidden_size": self.moe_ffn}
+
     def padded_vocab(self, tp: int) -> int:
         """Embedding rows at tensor-parallel size ``tp`` (Megatron's padding)."""
         return padded_vocab_size(self.vocab, self.divisible_by, tp)
@@ -133,20 +142,28 @@ class Layout:
     precision: str = "bf16"  # bf16 | fp16 | fp8 | fp32
     flash_attention: bool = True
 
+    @functools.cached_property
+    def parallel(self) -> ParallelLayout:
+        """Its sizes as the one :class:`ParallelLayout`, which derives the sizes below."""
+        return ParallelLayout.of_replicas(
+            self.dp, tp=self.tp, pp=self.pp, vpp=self.vpp if self.vpp > 1 else None, cp=self.cp,
+            ep=self.ep, etp=self.etp, sp=self.sp, micro_batch=self.micro_batch,
+            global_batch=self.global_batch, seq=self.seq)
+
     @property
     def expert_tp(self) -> int:
         """Expert tensor-parallel size."""
-        return self.tp if self.etp is None else self.etp
+        return self.parallel.expert_tp
 
     @property
     def world(self) -> int:
         """GPUs of the layout."""
-        return self.tp * self.pp * self.cp * self.dp
+        return self.parallel.world
 
     @property
     def microbatches(self) -> int:
-        """Micro-batches per optimizer step on each data-parallel rank."""
-        return max(1, self.global_batch // (self.micro_batch * self.dp))
+        """Micro-batches per optimizer step on each data-parallel rank (at least one)."""
+        return max(1, self.parallel.microbatches)
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -290,7 +307,7 @@ def state_bytes(params: StageParams, layout: Layout) -> tuple[float, float, floa
     weight, grad, state = _bytes_per_param(layout.precision)
     optimizer = float(params.total * state)
     if layout.distributed_optimizer:
-        expert_dp = max(1, layout.world // (layout.ep * layout.expert_tp * layout.pp))
+        expert_dp = max(1, layout.parallel.expert_dp)
         optimizer = params.dense * state / (layout.dp * layout.cp) \
             + params.expert * state / expert_dp
     return (float(params.total * weight), float(params.total * grad),

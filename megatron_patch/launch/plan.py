@@ -2,15 +2,16 @@
 
     megatron-patch plan --model qwen2.5-7b --gpus 8 --seq 4096 [--gpu-mem 80] [--gbs 64]
 
-Every layout of TP (within a node, dividing the attention heads and dividing or a multiple of the
-key/value heads: ``models/common/head_split.py``), PP (dividing the layers), VPP, EP (MoE),
-micro-batch size and recompute (none, selective, full) is estimated with
-:mod:`megatron_patch.launch.memory`; among those that fit ``--gpu-mem`` the one with the best
-relative throughput is proposed. Throughput is a documented heuristic, not a measurement:
-pipeline bubble ``(PP-1)/(VPP*M+PP-1)``, full recompute costs an extra forward pass (x0.75),
-selective x0.97, each doubling of TP x0.96, of EP x0.97, and micro-batches under 8192 tokens
-lose up to 15%. The memory model covers context parallelism, but ``plan`` does not search CP
-(it proposes CP=1; without Transformer Engine CP gathers whole-sequence keys/values).
+Every layout of TP (within a node), PP, VPP, EP (MoE), micro-batch size and recompute (none,
+selective, full) that :class:`~megatron_patch.parallel_layout.ParallelLayout` finds no problem
+with for the model (TP dividing the attention heads and sharing out the key/value heads, PP
+dividing the layers, EP the experts, the batch splitting over the data-parallel ranks, ...) is
+estimated with :mod:`megatron_patch.launch.memory`; among those that fit ``--gpu-mem`` the one
+with the best relative throughput is proposed. Throughput is a documented heuristic, not a
+measurement: pipeline bubble ``(PP-1)/(VPP*M+PP-1)``, full recompute costs an extra forward pass
+(x0.75), selective x0.97, each doubling of TP x0.96, of EP x0.97, and micro-batches under 8192
+tokens lose up to 15%. The memory model covers context parallelism, but ``plan`` does not search
+CP (it proposes CP=1; without Transformer Engine CP gathers whole-sequence keys/values).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from megatron_patch.launch.memory import GIB, Layout, Memory, Shape, bubble_fraction, estimate
-from megatron_patch.models.common.head_split import kv_split_problem
+from megatron_patch.parallel_layout import ParallelLayout
 
 RECOMPUTE_COST = {"none": 1.0, "sel": 0.97, "full": 0.75}
 
@@ -63,30 +64,25 @@ def candidates(shape: Shape, gpus: int, seq: int, global_batch: int, *, gpu_mem_
     def allowed(field: str, values: Sequence) -> list:
         return [v for v in values if fixed.get(field, v) == v]
 
+    model = shape.layout_args()
     found = []
-    tps = allowed("tp", [t for t in _divisors(min(gpus, gpus_per_node))
-                         if shape.heads % t == 0
-                         and not kv_split_problem(shape.heads, shape.groups, shape.head_dim, t)])
-    for tp in tps:
-        for pp in allowed("pp", [p for p in _divisors(shape.layers) if gpus % (tp * p) == 0]):
-            dp = gpus // (tp * pp)
-            eps = [e for e in _divisors(shape.experts) if (gpus // pp) % e == 0] \
-                if shape.experts else [1]
-            vpps = [v for v in (1, 2) if v == 1 or (pp > 1 and shape.layers % (pp * v) == 0)]
-            for vpp, ep, mbs, recompute in itertools.product(
-                    allowed("vpp", vpps), allowed("ep", eps),
-                    allowed("micro_batch", _powers_of_two(max_micro_batch)),
-                    allowed("recompute", list(RECOMPUTE_COST))):
-                microbatches, rest = divmod(global_batch, mbs * dp)
-                if rest or (vpp > 1 and microbatches % pp):
-                    continue
-                layout = Layout(
-                    tp=tp, pp=pp, vpp=vpp, dp=dp, ep=ep, etp=1 if ep > 1 else None, sp=tp > 1,
-                    distributed_optimizer=dp > 1, micro_batch=mbs, global_batch=global_batch,
-                    seq=seq, recompute=recompute, precision=precision)
-                memory = estimate(shape, layout, overhead_gib)
-                if memory.total <= gpu_mem_gib * GIB:
-                    found.append(Candidate(layout, memory, score(layout)))
+    for tp, pp, vpp, ep, mbs in itertools.product(
+            allowed("tp", _divisors(min(gpus, gpus_per_node))), allowed("pp", _divisors(gpus)),
+            allowed("vpp", [1, 2]), allowed("ep", _divisors(gpus) if shape.experts else [1]),
+            allowed("micro_batch", _powers_of_two(max_micro_batch))):
+        sizes = ParallelLayout(tp=tp, pp=pp, vpp=vpp if vpp > 1 else None, ep=ep,
+                               etp=1 if ep > 1 else None, sp=tp > 1, world=gpus,
+                               micro_batch=mbs, global_batch=global_batch, seq=seq)
+        if sizes.problems(model):
+            continue
+        for recompute in allowed("recompute", list(RECOMPUTE_COST)):
+            layout = Layout(
+                tp=tp, pp=pp, vpp=vpp, dp=sizes.dp, ep=ep, etp=sizes.etp, sp=sizes.sp,
+                distributed_optimizer=sizes.dp > 1, micro_batch=mbs, global_batch=global_batch,
+                seq=seq, recompute=recompute, precision=precision)
+            memory = estimate(shape, layout, overhead_gib)
+            if memory.total <= gpu_mem_gib * GIB:
+                found.append(Candidate(layout, memory, score(layout)))
     unique = {c.layout: c for c in found}
     return sorted(unique.values(), key=lambda c: (-c.score, c.memory.total))
 

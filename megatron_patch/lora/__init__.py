@@ -7,5 +7,5 @@ on Megatron's linears and the ``--lora-*`` settings in :mod:`megatron_patch.mode
 adapters-only checkpoints in :mod:`megatron_patch.training.lora` and
 :mod:`megatron_patch.training.lora_checkpoint`, PEFT interchange, merging and ``verify
 --adapter-dir`` in :mod:`megatron_patch.conversion.lora_peft`,
-:mod:`megatron_patch.conversion.lora_merge` and :mod:`megatron_patch.conversion.verify_lora`.
+:mod:`megatron_patch.conversion.lora_merge` and :mod:`megatron_patch.conversion.verify.lora`.
 """

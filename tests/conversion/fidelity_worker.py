@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.conversion.verify_layers import compare_layers
-from megatron_patch.conversion.verify_training import compare_training
+from megatron_patch.conversion.verify.layers import compare_layers
+from megatron_patch.conversion.verify.training import compare_training
 
 SEQ = 16
 

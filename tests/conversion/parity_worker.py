@@ -12,8 +12,9 @@ import sys
 
 from megatron.core import parallel_state
 
-from megatron_patch.conversion import build_model_from_hf_config, compare_logits
-from megatron_patch.conversion.verify import (
+from megatron_patch.conversion import build_model_from_hf_config
+from megatron_patch.conversion.verify.logits import (
+    compare_logits,
     forward_logits,
     max_abs_diff,
     random_tokens,

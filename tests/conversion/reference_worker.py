@@ -14,8 +14,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.conversion import compare_logits
-from megatron_patch.conversion.verify import hf_logits
+from megatron_patch.conversion.verify.logits import compare_logits, hf_logits
 from tests.conversion.parity_worker import BATCH, SEQ
 from tests.launch import serve_cases
 

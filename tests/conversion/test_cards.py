@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_patch.conversion.card import Layout, parse_layouts, read_card, regressions
 from megatron_patch.conversion.tiny import config_from_dict, shrink_config
+from megatron_patch.conversion.verify.card import Layout, parse_layouts, read_card, regressions
 from megatron_patch.models.registry import family_for_hf_config, registered_families
 from tests.conversion.card_configs import CARD_CASES, CONFIGS_DIR, card_config
 from tests.conversion.tiny_models import tiny_config

@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import save_file
 
 from megatron_patch.conversion import convert_hf_to_mcore
-from megatron_patch.conversion.verify_training import (
+from megatron_patch.conversion.verify.training import (
     Hyper,
     TrainingCurves,
     hf_training_curve,

@@ -16,7 +16,7 @@ import torch
 import transformers
 
 from megatron_patch.conversion import ConversionError, convert_hf_to_mcore, convert_mcore_to_hf
-from megatron_patch.conversion.verify import world_size
+from megatron_patch.conversion.verify.logits import world_size
 from tests.conversion.test_roundtrip import assert_identical
 from tests.conversion.tiny_models import MOE_CASES, read_safetensors
 from tests.launch import losses, run_module

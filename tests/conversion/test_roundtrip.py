@@ -9,7 +9,7 @@ from safetensors.torch import load_file, save_file
 
 from megatron_patch.arguments import model_defaults_from_argv
 from megatron_patch.conversion import ConversionError, convert_hf_to_mcore, convert_mcore_to_hf
-from megatron_patch.conversion.cli_convert import main as convert_cli
+from megatron_patch.conversion.cli.convert import main as convert_cli
 from megatron_patch.utils.metadata import checkpoint_metadata
 from tests.conversion.conftest import TOKENIZER_SIZE
 from tests.conversion.tiny_models import (

@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from megatron_patch.conversion.verify_lora import compare_lora_logits
-from megatron_patch.conversion.verify_training import compare_training
+from megatron_patch.conversion.verify.lora import compare_lora_logits
+from megatron_patch.conversion.verify.training import compare_training
 from tests.launch import serve_cases
 
 

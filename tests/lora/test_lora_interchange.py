@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from megatron_patch.conversion.engine import ConversionError
 from megatron_patch.conversion.lora_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
-from megatron_patch.conversion.verify_lora import peft_logits
+from megatron_patch.conversion.verify.lora import peft_logits
 from tests.launch import REPO, run_module
 
 TOLERANCE = 1e-5
@@ -47,7 +47,7 @@ def test_export_gives_back_the_imported_peft_adapter(lora_models, tmp_path):
 
 def test_adapters_change_the_logits(lora_models):
     """The random adapters matter: HF + PEFT differs from the HF base (else parity is void)."""
-    from megatron_patch.conversion.verify import hf_logits
+    from megatron_patch.conversion.verify.logits import hf_logits
 
     paths = lora_models["mistral"]
     tokens = torch.randint(0, 250, (1, 16), generator=torch.Generator().manual_seed(0))
@@ -125,7 +125,7 @@ def test_rslora_adapters_are_refused(lora_models, tmp_path):
 def test_merged_model_equals_hf_peft(lora_models, tmp_path):
     """``export-lora --merge``: the base converted back to HF with B A added = HF + PEFT."""
     from megatron_patch.conversion.lora_merge import merge_lora
-    from megatron_patch.conversion.verify import hf_logits
+    from megatron_patch.conversion.verify.logits import hf_logits
 
     paths = lora_models["mistral"]
     merged = merge_lora(paths["lora"], tmp_path / "merged", paths["hf"])

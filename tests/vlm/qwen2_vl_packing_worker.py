@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.verify_vlm import build_vlm_model
+from megatron_patch.conversion.verify.vlm import build_vlm_model
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.registry import get_family
 from megatron_patch.tokenizer import TinyTokenizer

@@ -15,7 +15,7 @@ import torch
 from megatron.core.pipeline_parallel.schedules import custom_backward
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.verify_vlm import (
+from megatron_patch.conversion.verify.vlm import (
     build_vlm_model,
     compare_vlm_logits,
     on_device,

@@ -23,7 +23,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.ranks import max_abs_diff, rank_device
+from megatron_patch.conversion.verify.ranks import max_abs_diff, rank_device
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.models.common.vision import VerifyBatch, VisionLanguageFamily

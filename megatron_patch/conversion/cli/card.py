@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_patch.conversion.card import (
+from megatron_patch.conversion.verify.card import (
     CARD_VERSION,
     Layout,
     config_digest,
@@ -163,8 +163,8 @@ def _worker(jobs_file: str, out_file: str) -> int:
     os.dup2(log, 2)
     import torch
 
-    from megatron_patch.conversion.verify import compare_logits
-    from megatron_patch.conversion.verify_training import Hyper, compare_training
+    from megatron_patch.conversion.verify.logits import compare_logits
+    from megatron_patch.conversion.verify.training import Hyper, compare_training
 
     results: dict[str, Any] = {}
     for job in json.loads(Path(jobs_file).read_text()):
@@ -289,7 +289,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         layouts = parse_layouts(args.layouts)
     except ValueError as error:
         raise SystemExit(f"megatron-patch card: --layouts: {error}") from None
-    from megatron_patch.conversion.verify import world_size
+    from megatron_patch.conversion.verify.logits import world_size
 
     names = _names(args)
     with tempfile.TemporaryDirectory(prefix="megatron-patch-card-") as tmp:

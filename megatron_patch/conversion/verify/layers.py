@@ -23,7 +23,11 @@ from megatron.core import tensor_parallel
 from megatron.core.utils import get_model_config
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.verify import forward_logits, load_megatron_model, random_tokens
+from megatron_patch.conversion.verify.logits import (
+    forward_logits,
+    load_megatron_model,
+    random_tokens,
+)
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.pretrain import set_padded_vocab

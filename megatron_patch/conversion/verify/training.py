@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from megatron.core import parallel_state
 
-from megatron_patch.conversion.verify_layers import verification_args
+from megatron_patch.conversion.verify.layers import verification_args
 from megatron_patch.models.common.hf_config import load_hf_config
 from megatron_patch.training.initialize import initialize, teardown_parallel_state
 from megatron_patch.training.loop import (
@@ -277,7 +277,7 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
     (``import-lora``), HF trains it with PEFT.
     """
     if adapter_dir is not None:
-        from megatron_patch.conversion.verify_lora import lora_flags
+        from megatron_patch.conversion.verify.lora import lora_flags
 
         extra_args = [*extra_args, *lora_flags(mcore_dir)]
     extra = ["--train-iters", str(steps), "--lr", str(hyper.lr), "--min-lr", str(hyper.min_lr),

@@ -19,7 +19,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from megatron_patch.conversion.cli_fidelity import (
+from megatron_patch.conversion.cli.fidelity import (
     add_fidelity_flags,
     check_fidelity_flags,
     compares_in_fp32,
@@ -75,7 +75,7 @@ def _verify(args: argparse.Namespace) -> int:
     """The comparison on this rank; 0 within the tolerance, else 1."""
     import torch
 
-    from megatron_patch.conversion.verify import compare_logits
+    from megatron_patch.conversion.verify.logits import compare_logits
 
     mode = run_fidelity(args)  # --layers / --train-steps
     if mode is not None:
@@ -83,7 +83,7 @@ def _verify(args: argparse.Namespace) -> int:
     layout = {"tp": args.tp, "pp": args.pp, "ep": args.ep, "etp": args.etp,
               "batch_size": args.batch_size, "seq_length": args.seq_length}
     if args.adapter_dir:  # HF + PEFT against our base + adapter
-        from megatron_patch.conversion.verify_lora import compare_lora_logits
+        from megatron_patch.conversion.verify.lora import compare_lora_logits
 
         diff = compare_lora_logits(args.hf_dir, args.adapter_dir, args.mcore_dir, **layout)
     else:
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if compares_in_fp32(args):
         restart_with_exact_fp32("verify", argv)
-    from megatron_patch.conversion.verify import world_size
+    from megatron_patch.conversion.verify.logits import world_size
 
     try:
         _check_inputs(args)

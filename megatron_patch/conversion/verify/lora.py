@@ -53,7 +53,7 @@ def compare_lora_logits(hf_dir: str | Path, adapter_dir: str | Path,
                         lora_checkpoint: str | Path, **kwargs) -> float:
     """Max |HF + PEFT - Megatron base + adapter| logit (``compare_logits``'s keyword arguments:
     ``tp``, ``pp``, ``batch_size`` ...); the base is the one the LoRA checkpoint records."""
-    from megatron_patch.conversion.verify import compare_logits
+    from megatron_patch.conversion.verify.logits import compare_logits
 
     extra = [*kwargs.pop("extra_args", ()), *lora_flags(lora_checkpoint)]
     return compare_logits(hf_dir, lora_checkpoint, extra_args=extra,

@@ -34,7 +34,7 @@ def add_fidelity_flags(parser: argparse.ArgumentParser) -> None:
 
 def check_fidelity_flags(args: argparse.Namespace) -> None:
     """Refuse flag combinations the modes cannot run (ValueError naming the flags)."""
-    from megatron_patch.conversion.verify_training import Hyper
+    from megatron_patch.conversion.verify.training import Hyper
 
     if args.layers and args.train_steps:
         raise ValueError("give --layers or --train-steps, not both")
@@ -69,7 +69,7 @@ def run_fidelity(args: argparse.Namespace) -> int | None:
                   etp=getattr(args, "etp", None), batch_size=args.batch_size,
                   seq_length=args.seq_length)
     if args.layers:
-        from megatron_patch.conversion.verify_layers import compare_layers, first_over, format_table
+        from megatron_patch.conversion.verify.layers import compare_layers, first_over, format_table
 
         errors = compare_layers(args.hf_dir, args.mcore_dir, **layout)
         torch.distributed.destroy_process_group()
@@ -77,7 +77,7 @@ def run_fidelity(args: argparse.Namespace) -> int | None:
             print(format_table(errors, args.tolerance), flush=True)
         return 0 if first_over(errors, args.tolerance) is None else 1
 
-    from megatron_patch.conversion.verify_training import TOLERANCE, Hyper, compare_training
+    from megatron_patch.conversion.verify.training import TOLERANCE, Hyper, compare_training
 
     precision = training_precision(args)
     tolerance = TOLERANCE[precision] if args.train_tolerance is None else args.train_tolerance

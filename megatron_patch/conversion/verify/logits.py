@@ -22,8 +22,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.training.training import get_model
 
 from megatron_patch.conversion.layout import parse_megatron_args
-from megatron_patch.conversion.ranks import max_abs_diff, rank_device
-from megatron_patch.conversion.verify_vlm import compare_vlm_logits
+from megatron_patch.conversion.verify.ranks import max_abs_diff, rank_device
+from megatron_patch.conversion.verify.vlm import compare_vlm_logits
 from megatron_patch.conversion.vlm import vlm_family
 from megatron_patch.models.builder import gpt_model_provider
 from megatron_patch.models.common.hf_config import load_hf_config
@@ -126,7 +126,7 @@ def compare_logits(hf_dir: str | Path, mcore_dir: str | Path, *, tp: int = 1, pp
     ``reference(hf_dir, tokens)`` computes the HF logits (default: the model in ``hf_dir``).
     ``extra_args`` are further Megatron flags for the model (e.g. ``--moe-grouped-gemm``).
     Vision-language checkpoints are compared on random images and ``seq_length`` text tokens
-    (:func:`~megatron_patch.conversion.verify_vlm.compare_vlm_logits`).
+    (:func:`~megatron_patch.conversion.verify.vlm.compare_vlm_logits`).
 
     Sets up Megatron's parallel state (TP ``tp``, PP ``pp``, expert parallelism ``ep`` with
     expert TP ``etp`` (default ``tp``), data parallel over the remaining ranks) and tears it
