@@ -14,12 +14,16 @@ from tests.launch import REPO, pretrain
 RUN = ["--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "32",
        "--lr", "1e-2", "--min-lr", "1e-2", "--dataset", "mock", "--vocab-size", "250",
        "--log-interval", "1", "--eval-iters", "0", "--attention-dropout", "0",
-       "--hidden-dropout", "0", "--lora-rank", "4"]
+       "--hidden-dropout", "0"]
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
 
 
 def _train(base, save, iters: int, nproc: int = 2, extra=()) -> dict[int, float]:
-    return pretrain(["--pretrained-checkpoint", str(base), "--save", str(save),
-                     "--train-iters", str(iters), *RUN, *extra], nproc=nproc)
+    """LoRA training of rank 4 on the frozen ``base``; ``base`` None: the ``--load`` in
+    ``extra`` is an adapter checkpoint that says both (no --lora-* flags)."""
+    lora = ["--pretrained-checkpoint", str(base), "--lora-rank", "4"] if base else []
+    return pretrain([*lora, "--save", str(save), "--train-iters", str(iters), *RUN, *extra],
+                    nproc=nproc)
 
 
 def _saved_keys(run, iteration: int) -> dict[str, tuple]:
@@ -33,7 +37,8 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
     paths = lora_models["qwen2"]
     layout = ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--save-interval", "2"]
     first = _train(paths["mcore"], tmp_path / "run", 4, extra=layout)
-    resumed = _train(paths["mcore"], tmp_path / "resumed", 4,
+    # resumed with --load only: the base and the --lora-* settings come from the checkpoint
+    resumed = _train(None, tmp_path / "resumed", 4,
                      extra=[*layout, "--load", str(tmp_path / "run"), "--ckpt-step", "2"])
     assert sorted(resumed) == [3, 4]
     assert [resumed[i] for i in (3, 4)] == [first[i] for i in (3, 4)], (first, resumed)
@@ -47,7 +52,7 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
     keys = _saved_keys(tmp_path / "run", 4)  # adapters (and their optimizer state) only
     assert keys and all(key.endswith((".lora.A", ".lora.B")) for key in keys), sorted(keys)
     assert keys["decoder.layers.self_attention.linear_qkv.lora.A"] == (4, 12, 64)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = ENV
     cli = [sys.executable, "-m", "megatron_patch.cli"]
     export = subprocess.run([*cli, "export-lora", "--load", str(tmp_path / "run"), "--out",
                              str(tmp_path / "adapter"), "--hf-template", str(paths["hf"])],
@@ -82,3 +87,17 @@ def test_lora_on_experts_trains_at_tp2_and_resumes_at_tp1(lora_models, tmp_path)
     with pytest.raises(ConversionError, match="include routed experts"):
         export_lora(tmp_path / "run", tmp_path / "adapter")
     assert torch.isfinite(torch.tensor(list(first.values()))).all()
+
+
+def test_resume_refuses_other_lora_settings(lora_models, tmp_path):
+    """Flags that disagree with an adapter checkpoint's settings stop the run before it starts,
+    naming both values (the entry point in a fresh process, no torchrun: it fails parsing)."""
+    checkpoint = lora_models["qwen2"]["lora"]  # imported: rank 4, alpha 8, attention + MLP
+    done = subprocess.run([sys.executable, "-m", "megatron_patch.training.pretrain", *RUN,
+                           "--load", str(checkpoint), "--save", str(tmp_path / "run"),
+                           "--train-iters", "1", "--lora-rank", "8", "--lora-alpha", "8"],
+                          cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+    error = [line for line in done.stderr.splitlines() if "LoraError: " in line]
+    assert done.returncode != 0 and error, done.stderr[-3000:]
+    assert "(--lora-rank 8 given, the checkpoint's is 4)" in error[-1]  # alpha 8 agrees
+    assert "Drop the --lora-* flags" in error[-1]

@@ -87,6 +87,39 @@ def settings_from_args(args) -> LoraSettings | None:
     return LoraSettings(rank, float(alpha), args.lora_dropout, targets)
 
 
+def settings_as_args(settings: LoraSettings) -> dict[str, object]:
+    """The Megatron argument values (``lora_rank`` ...) :func:`settings_from_args` reads as
+    ``settings``."""
+    return {"lora_rank": settings.rank, "lora_alpha": settings.alpha,
+            "lora_dropout": settings.dropout, "lora_target_modules": ",".join(settings.targets)}
+
+
+def check_resumed_settings(given: LoraSettings | None, saved: LoraSettings,
+                           checkpoint: object) -> None:
+    """Refuse ``--lora-*`` flags that differ from those the adapters-only ``checkpoint`` was
+    trained with (its adapters continue: their shapes and scale are fixed)."""
+    if given is None:
+        raise LoraError(f"{checkpoint} holds LoRA adapters only (rank {saved.rank}), but "
+                        "--lora-rank 0 turns LoRA off; drop --lora-rank to continue the adapters, "
+                        "or load a checkpoint with all weights for full fine-tuning")
+    ours, theirs = settings_as_args(given), settings_as_args(saved)
+    ours["lora_target_modules"] = ",".join(sorted(given.targets))  # their order does not matter
+    theirs["lora_target_modules"] = ",".join(sorted(saved.targets))
+    differ = "; ".join(f"--{name.replace('_', '-')} {_shown(ours[name])} given, the "
+                       f"checkpoint's is {_shown(theirs[name])}"
+                       for name in theirs if ours[name] != theirs[name])
+    if differ:
+        raise LoraError(f"{checkpoint} holds LoRA adapters trained with other settings "
+                        f"({differ}). Drop the --lora-* flags to continue them with the "
+                        "checkpoint's settings, or train new adapters from the base "
+                        "(--pretrained-checkpoint BASE) with another --save and without "
+                        "this --load")
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def is_adapter_name(name: str) -> bool:
     """Whether a parameter / state-dict key is a LoRA adapter tensor."""
     return name.endswith((f".{A_NAME}", f".{B_NAME}"))
