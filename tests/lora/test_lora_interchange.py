@@ -1,8 +1,9 @@
 """LoRA adapters interchange with Hugging Face PEFT: import, export, logits at TP/PP 1-2.
 
 Three families (fused q/k/v with bias, a partial adapter on q/v and gate only, a MoE's
-attention) with random non-zero adapters; our base + adapter logits equal HF + PEFT's within
-1e-5 in fp32 at TP1, TP2 and PP2 (one torchrun launch of 2 gloo ranks).
+attention and routed experts through PEFT's target_parameters) with random non-zero
+adapters; our base + adapter logits equal HF + PEFT's within 1e-5 in fp32 at TP1, TP2 and PP2
+(one torchrun launch of 2 gloo ranks).
 """
 
 import json
@@ -18,6 +19,7 @@ from megatron_patch.conversion.engine import ConversionError
 from megatron_patch.conversion.lora_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
 from megatron_patch.conversion.verify_lora import peft_logits
 from tests.launch import REPO, run_module
+from tests.lora.conftest import ADAPTED_PARAMETERS
 
 TOLERANCE = 1e-5
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
@@ -43,6 +45,8 @@ def test_export_gives_back_the_imported_peft_adapter(lora_models, tmp_path):
         assert all(not exported[k].any() for k in set(exported) - set(original)), case
         config = json.loads((out / ADAPTER_CONFIG).read_text())
         assert (config["r"], config["lora_alpha"]) == (4, 8)
+        given = json.loads((paths["adapter"] / ADAPTER_CONFIG).read_text())["target_parameters"]
+        assert config["target_parameters"] == (sorted(given) if given else None), case
 
 
 def test_adapters_change_the_logits(lora_models):
@@ -60,8 +64,10 @@ def test_adapters_change_the_logits(lora_models):
 def compared(lora_models, tmp_path_factory) -> dict:
     """Every case of one torchrun launch: logits per family and layout, and LoRA training."""
     tmp = tmp_path_factory.mktemp("compare")
+    # routed experts' adapters need expert tensor parallelism 1
     cases = [{"id": f"{case}-tp{tp}-pp{pp}", "hf": str(paths["hf"]),
-              "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp}
+              "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp,
+              "etp": 1 if case in ADAPTED_PARAMETERS else None}
              for case, paths in lora_models.items() for tp, pp in LAYOUTS]
     paths = lora_models["qwen2"]
     cases.append({"id": "train-qwen2-tp2", "hf": str(paths["hf"]), "adapter": str(paths["adapter"]),

@@ -1,6 +1,7 @@
 """LoRA training on the CPU (gloo): frozen base, adapters-only checkpoints that resume
 bit-identically and load at another TP, routed experts adapted, export + verify commands."""
 
+import json
 import os
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import sys
 import pytest
 import torch
 from megatron.core import dist_checkpointing
+from safetensors.torch import load_file
 
 from tests.launch import REPO, pretrain
 
@@ -68,8 +70,9 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
 
 @pytest.mark.distributed
 def test_lora_on_experts_trains_at_tp2_and_resumes_at_tp1(lora_models, tmp_path):
-    from megatron_patch.conversion.engine import ConversionError
+    from megatron_patch.conversion.lora_merge import merge_lora
     from megatron_patch.conversion.lora_peft import export_lora
+    from megatron_patch.conversion.verify_lora import peft_logits
 
     base = lora_models["qwen3_moe"]["mcore"]
     experts = ["--expert-tensor-parallel-size", "1", "--save-interval", "2"]
@@ -84,9 +87,20 @@ def test_lora_on_experts_trains_at_tp2_and_resumes_at_tp1(lora_models, tmp_path)
                            "--no-load-optim", "--no-load-rng"])
     assert sorted(on_tp1) == [3]
     assert on_tp1[3] == pytest.approx(first[3], rel=1e-5)
-    with pytest.raises(ConversionError, match="include routed experts"):
-        export_lora(tmp_path / "run", tmp_path / "adapter")
     assert torch.isfinite(torch.tensor(list(first.values()))).all()
+    # the trained expert adapters export as PEFT's target_parameters, which PEFT loads; their
+    # update is not zero (they trained: the grouped-GEMM experts run the hooked linears)
+    paths = lora_models["qwen3_moe"]
+    adapter = export_lora(tmp_path / "run", tmp_path / "adapter", paths["hf"])
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["mlp.experts.down_proj", "mlp.experts.gate_up_proj"]
+    tensors = load_file(str(adapter / "adapter_model.safetensors"))
+    gate_up_b = tensors["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"]
+    assert gate_up_b.shape == (32, 4 * 8) and gate_up_b.abs().max() > 0
+    tokens = torch.randint(0, 250, (1, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(peft_logits(paths["hf"], tokens, adapter_dir=adapter)).all()
+    with pytest.raises(ValueError, match="merge with PEFT"):
+        merge_lora(tmp_path / "run", tmp_path / "merged", paths["hf"])
 
 
 def test_resume_refuses_other_lora_settings(lora_models, tmp_path):

@@ -14,7 +14,8 @@ parameters.
   base's output is (all-reduce, or reduce-scatter over the sequence).
 
 A fused base (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``) whose Hugging Face model has
-separate projections gets one A per projection (stacked, ``parts`` blocks of r rows) and each
+separate projections gets one A per projection (a routed expert's gate/up, one fused 3D tensor
+in transformers 5, gets one A) (stacked, ``parts`` blocks of r rows) and each
 row of B multiplies its projection's block only: exactly the PEFT adapter, with B stored in the
 base weight's fused row layout. Which row belongs to which projection comes from the family's
 weight mapping (:mod:`megatron_patch.mapping.rules`) applied to row indices.
@@ -269,7 +270,10 @@ def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
         column = isinstance(module, ColumnParallelLinear)
         tp_rank, tp_size = module.tp_group.rank(), module.tp_group.size()
         rows = module.weight.shape[0] * (tp_size if column else 1)
-        parts = parts_of_rows(rule, layer, config, rows) if column else None
+        # a routed expert's gate/up is one HF tensor (transformers 5's experts.gate_up_proj,
+        # which PEFT adapts whole through target_parameters): one A, like PEFT's
+        parts = (parts_of_rows(rule, layer, config, rows)
+                 if column and not module.is_expert else None)
         gated = column and is_gated_fc1(f".{name}.", config.gated_linear_unit)
         if parts is not None:
             parts = tp_shard(parts, 0, tp_rank, tp_size, gated=gated)
