@@ -7,6 +7,7 @@ adapters; our base + adapter logits equal HF + PEFT's within 1e-5 in fp32 at TP1
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -138,3 +139,39 @@ def test_merged_model_equals_hf_peft(lora_models, tmp_path):
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
     assert (hf_logits(merged, tokens) - expected).abs().max() <= TOLERANCE
+
+
+def test_eval_ppl_of_a_lora_checkpoint_equals_hf_peft(lora_models, tmp_path):
+    """``megatron-patch eval-ppl`` of an adapters-only checkpoint (attention and routed
+    experts' adapters on its base) gives HF + PEFT's perplexity on the same windows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron_patch.generation.perplexity import windows
+    from tests.conversion.tiny_models import save_tokenizer
+
+    paths = lora_models["qwen3_moe"]
+    save_tokenizer(tmp_path / "tokenizer", 240)  # word-level: "t57" is token 57
+    generator = torch.Generator().manual_seed(2)  # (ids whose word starts with t0/t1/t2 split)
+    documents = [torch.randint(30, 100, (n,), generator=generator).tolist() for n in (40, 9)]
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in d)}) + "\n"
+                            for d in documents))
+    done = _cli("eval-ppl", "--load", str(paths["lora"]), "--data-path", str(data),
+                "--seq-length", "16", "--dtype", "fp32", "--tokenizer-type", "HFTokenizer",
+                "--tokenizer-path", str(tmp_path / "tokenizer"),
+                "--output", str(tmp_path / "ppl.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(paths["hf"], dtype=torch.float32),
+        str(paths["adapter"]))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows(documents, 16):
+            logits = model(input_ids=torch.tensor([window[:-1]])).logits[0].double()
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]),
+                                                       reduction="sum").item()
+            count += len(window) - 1
+    assert result["tokens"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)
