@@ -159,8 +159,13 @@ def _checkpoint_flags(argv: Sequence[str]) -> argparse.Namespace:
 def adapter_checkpoint(load: str | None, step: int | None = None
                        ) -> tuple[LoraSettings, argparse.Namespace] | None:
     """The LoRA settings and saved args of an adapters-only checkpoint in ``load`` (None: no
-    such checkpoint there)."""
-    saved = saved_args(load, step) if load else None
+    such checkpoint there, or none readable: the check before loading names the damage)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        saved = saved_args(load, step) if load else None
+    except (Exception, CheckpointException):  # checkpoint.check_checkpoint_before_load's part
+        return None
     settings = settings_from_args(saved) if saved is not None else None
     return (settings, saved) if settings is not None else None
 
