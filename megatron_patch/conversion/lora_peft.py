@@ -190,6 +190,7 @@ class AdapterLayout:
             result[f"{linear}.{B_NAME}"] = rule.to_megatron(hf, layer, config)[f"{linear}.weight"]
         return result
 
+
 def _check_shape(hf_name: str, matrix: str, tensor: torch.Tensor, shape: tuple) -> None:
     if tuple(tensor.shape) != tuple(shape):
         raise ConversionError(f"{_peft_key(hf_name, matrix)}: shape {tuple(tensor.shape)}, the "
