@@ -70,9 +70,14 @@ def compared(lora_models, tmp_path_factory) -> dict:
               "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp,
               "etp": 1 if case in ADAPTED_PARAMETERS else None}
              for case, paths in lora_models.items() for tp, pp in LAYOUTS]
+    moe = {"hf": str(lora_models["qwen3_moe"]["hf"]), "tp": 2, "pp": 1, "etp": 2,
+           "adapter": str(lora_models["qwen3_moe"]["adapter"]),
+           "lora": str(lora_models["qwen3_moe"]["lora"])}
+    cases.append({"id": "qwen3_moe-tp2-etp2", **moe})  # experts split over expert-TP ranks
     paths = lora_models["qwen2"]
     cases.append({"id": "train-qwen2-tp2", "hf": str(paths["hf"]), "adapter": str(paths["adapter"]),
                   "lora": str(paths["lora"]), "tp": 2, "pp": 1, "train": TRAIN_STEPS})
+    cases.append({"id": "train-qwen3_moe-tp2-etp2", **moe, "sp": True, "train": TRAIN_STEPS})
     (tmp / "cases.json").write_text(json.dumps(cases))
     result = run_module("tests.lora.lora_worker", [str(tmp / "cases.json"),
                                                    str(tmp / "out.json")], nproc=2)
@@ -86,15 +91,17 @@ def compared(lora_models, tmp_path_factory) -> dict:
 def test_logits_match_hf_peft_at_tp_and_pp(compared):
     logits = {case: diff for case, diff in compared.items() if not case.startswith("train")}
     print("\n".join(f"  {case:24s} {diff:.3e}" for case, diff in logits.items()))
-    assert len(logits) == 9 and all(diff <= TOLERANCE for diff in logits.values()), logits
+    assert len(logits) == 10 and all(diff <= TOLERANCE for diff in logits.values()), logits
 
 
 @pytest.mark.distributed
 def test_lora_training_matches_hf_peft(compared):
-    """N AdamW steps of the adapters at TP2: loss and gradient norm per step equal HF + PEFT's
-    (``verify --train-steps``'s comparison, fp32 tolerance)."""
-    loss_rel, grad_norm_rel = compared["train-qwen2-tp2"]
-    assert loss_rel <= 1e-4 and grad_norm_rel <= 1e-4, compared["train-qwen2-tp2"]
+    """N AdamW steps of the adapters at TP2 (a MoE's experts split over 2 expert-TP ranks): loss
+    and gradient norm per step equal HF + PEFT's (``verify --train-steps``'s comparison, fp32
+    tolerance)."""
+    for case in ("train-qwen2-tp2", "train-qwen3_moe-tp2-etp2"):  # MoE: experts' adapters
+        loss_rel, grad_norm_rel = compared[case]
+        assert loss_rel <= 1e-4 and grad_norm_rel <= 1e-4, (case, compared[case])
 
 
 def test_import_lora_cli(lora_models, tmp_path):

@@ -69,21 +69,23 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
 
 
 @pytest.mark.distributed
-def test_lora_on_experts_trains_at_tp2_and_resumes_at_tp1(lora_models, tmp_path):
+def test_lora_on_experts_trains_at_etp2_and_resumes_at_tp1(lora_models, tmp_path):
     from megatron_patch.conversion.lora_merge import merge_lora
     from megatron_patch.conversion.lora_peft import export_lora
     from megatron_patch.conversion.verify_lora import peft_logits
 
     base = lora_models["qwen3_moe"]["mcore"]
-    experts = ["--expert-tensor-parallel-size", "1", "--save-interval", "2"]
+    # experts split over 2 expert-TP ranks (the adapters' gradients: test_lora_interchange)
     first = _train(base, tmp_path / "run", 3, extra=["--tensor-model-parallel-size", "2",
-                                                     "--sequence-parallel", *experts])
+                                                     "--sequence-parallel", "--save-interval",
+                                                     "2", "--expert-tensor-parallel-size", "2"])
     keys = _saved_keys(tmp_path / "run", 2)
     assert keys["decoder.layers.mlp.experts.experts.linear_fc1.lora.B"][-1] == 4, sorted(keys)
-    # the adapters saved at TP2 load at TP1: the loss of the next batch is the same (the
+    # the adapters saved at TP2 / ETP2 load at TP1: the loss of the next batch is the same (the
     # optimizer's expert parameter groups differ between these layouts: not loaded)
     on_tp1 = _train(base, tmp_path / "tp1", 3, nproc=1,
-                    extra=[*experts, "--load", str(tmp_path / "run"), "--ckpt-step", "2",
+                    extra=["--save-interval", "2", "--load", str(tmp_path / "run"),
+                           "--ckpt-step", "2",
                            "--no-load-optim", "--no-load-rng"])
     assert sorted(on_tp1) == [3]
     assert on_tp1[3] == pytest.approx(first[3], rel=1e-5)

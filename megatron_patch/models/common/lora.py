@@ -12,12 +12,15 @@ parameters.
 - Row-parallel base (``linear_proj``, ``linear_fc2``): A ``[r, in / TP]`` sharded like the
   base's columns, B ``[out, r]`` replicated; the partial low-rank product is reduced as the
   base's output is (all-reduce, or reduce-scatter over the sequence).
+- Routed experts over expert-TP ranks: sharded the same way, but the MoE token dispatcher
+  gathers their input and reduces their output, so the adapter communicates only to sum the
+  gradient of its replicated matrix (A of ``linear_fc1``, B of ``linear_fc2``) over the group.
 
 A fused base (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``) whose Hugging Face model has
-separate projections gets one A per projection (a routed expert's gate/up, one fused 3D tensor
-in transformers 5, gets one A) (stacked, ``parts`` blocks of r rows) and each
+separate projections gets one A per projection (stacked, ``parts`` blocks of r rows) and each
 row of B multiplies its projection's block only: exactly the PEFT adapter, with B stored in the
-base weight's fused row layout. Which row belongs to which projection comes from the family's
+base weight's fused row layout (a routed expert's gate/up, one 3D tensor in transformers 5 that
+PEFT adapts whole, has one A). Which row belongs to which projection comes from the family's
 weight mapping (:mod:`megatron_patch.mapping.rules`) applied to row indices.
 """
 
@@ -149,9 +152,10 @@ class LoraAdapter(torch.nn.Module):
         self.tp_group = base.tp_group
         self.sequence_parallel = base.sequence_parallel and not base.explicit_expert_comm
         self.communicate = not base.explicit_expert_comm and self.tp_group.size() > 1
-        if base.explicit_expert_comm and self.tp_group.size() > 1:
-            raise LoraError("LoRA on routed experts split over expert tensor parallel ranks is "
-                            "not supported; pass --expert-tensor-parallel-size 1")
+        # routed experts over expert-TP ranks: the token dispatcher gathers their input and
+        # reduces their output (and the input's gradient), as for the base; the replicated
+        # matrix's gradient, partial on each rank, is summed over the group here
+        self.sum_replicated_grad = base.explicit_expert_comm and self.tp_group.size() > 1
         weight, rank = base.weight, settings.rank
         out_rows, in_cols = weight.shape
         count = int(parts.max()) + 1 if parts is not None else 1
@@ -181,7 +185,13 @@ class LoraAdapter(torch.nn.Module):
             else:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     x = self.dropout(x)
-        low = torch.nn.functional.linear(x, self.A)
+        a, b = self.A, self.B
+        if self.sum_replicated_grad:  # identity forward, all-reduced gradient
+            if self.column:
+                a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)
+            else:
+                b = copy_to_tensor_model_parallel_region(b, group=self.tp_group)
+        low = torch.nn.functional.linear(x, a)
         if self.communicate:
             if self.column:
                 low = (gather_from_sequence_parallel_region(low, group=self.tp_group)
@@ -192,9 +202,9 @@ class LoraAdapter(torch.nn.Module):
                        if self.sequence_parallel
                        else reduce_from_tensor_model_parallel_region(low, group=self.tp_group))
         if self.rows is None:
-            return torch.nn.functional.linear(low, self.B) * self.scaling
+            return torch.nn.functional.linear(low, b) * self.scaling
         blocks = low.split(self.rank, dim=-1)
-        rows = self.B[self.rows].split(self.part_sizes)
+        rows = b[self.rows].split(self.part_sizes)
         out = torch.cat([torch.nn.functional.linear(h, b) for h, b in zip(blocks, rows)], -1)
         return out[..., self.restore] * self.scaling
 
