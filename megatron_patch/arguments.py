@@ -20,12 +20,17 @@ from megatron.training.arguments import parse_args, validate_args
 from megatron_patch.config_checks import check_training_config
 from megatron_patch.models.common.architecture import add_architecture_arguments
 from megatron_patch.models.common.hf_config import load_hf_config
-from megatron_patch.models.common.lora import settings_from_args
+from megatron_patch.models.common.lora import (
+    LoraSettings,
+    check_resumed_settings,
+    settings_as_args,
+    settings_from_args,
+)
 from megatron_patch.models.registry import family_for_hf_config, get_family
 from megatron_patch.runtime.backends import available_backends, flash_attention_backend
 from megatron_patch.runtime.cpu_compat import apply_cpu_compat
 from megatron_patch.runtime.gpu_fast_paths import install_wgrad_accumulation
-from megatron_patch.utils.metadata import checkpoint_metadata
+from megatron_patch.utils.metadata import checkpoint_metadata, saved_args
 
 # --on-nonfinite: what training does on a NaN/inf loss or gradient (training/resilience.py)
 ON_NONFINITE = ("stop", "skip")
@@ -142,25 +147,48 @@ def _argv(argv: Sequence[str]) -> Iterator[None]:
         sys.argv = saved
 
 
+def _checkpoint_flags(argv: Sequence[str]) -> argparse.Namespace:
+    """The flags of ``argv`` that name where the model comes from."""
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    for flag in ("--hf-config-path", "--load", "--pretrained-checkpoint", "--model-family"):
+        pre.add_argument(flag)
+    pre.add_argument("--ckpt-step", type=int)
+    return pre.parse_known_args(list(argv))[0]
+
+
+def adapter_checkpoint(load: str | None, step: int | None = None
+                       ) -> tuple[LoraSettings, argparse.Namespace] | None:
+    """The LoRA settings and saved args of an adapters-only checkpoint in ``load`` (None: no
+    such checkpoint there, or none readable: the check before loading names the damage)."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        saved = saved_args(load, step) if load else None
+    except (Exception, CheckpointException):  # checkpoint.check_checkpoint_before_load's part
+        return None
+    settings = settings_from_args(saved) if saved is not None else None
+    return (settings, saved) if settings is not None else None
+
+
 def model_defaults_from_argv(argv: Sequence[str]) -> dict[str, Any]:
     """Architecture defaults from ``--hf-config-path`` or a converted checkpoint's metadata
-    (``--load``'s, else ``--pretrained-checkpoint``'s: the base of a LoRA run)."""
-    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    pre.add_argument("--hf-config-path")
-    pre.add_argument("--load")
-    pre.add_argument("--pretrained-checkpoint")
-    pre.add_argument("--model-family")
-    known, _ = pre.parse_known_args(list(argv))
-    for checkpoint in (known.load, known.pretrained_checkpoint):
+    (``--load``'s, else ``--pretrained-checkpoint``'s or the base an adapters-only LoRA
+    checkpoint in ``--load`` records), and that LoRA checkpoint's ``--lora-*`` settings."""
+    known = _checkpoint_flags(argv)
+    adapters = adapter_checkpoint(known.load, known.ckpt_step)
+    lora = settings_as_args(adapters[0]) if adapters else {}
+    base = known.pretrained_checkpoint or (adapters[1].pretrained_checkpoint if adapters
+                                           else None)
+    for checkpoint in (known.load, base):
         meta = checkpoint_metadata(checkpoint) if checkpoint else None
         if meta:
-            return {**meta["megatron_args"], "model_family": meta["family"]}
+            return {**meta["megatron_args"], "model_family": meta["family"], **lora}
     if known.hf_config_path:
         hf = load_hf_config(known.hf_config_path)
         family = get_family(known.model_family) if known.model_family else \
             family_for_hf_config(hf)
-        return {**family.hf_to_megatron(hf), "model_family": family.name}
-    return {}
+        return {**family.hf_to_megatron(hf), "model_family": family.name, **lora}
+    return lora
 
 
 def parse_training_args(argv: Sequence[str] | None = None,
@@ -177,7 +205,10 @@ def parse_training_args(argv: Sequence[str] | None = None,
     with _argv(argv):
         args = parse_args(extra_args_provider=provider)
     check_training_config(args)
-    settings_from_args(args)  # refuse unusable LoRA flags before anything starts
+    lora = settings_from_args(args)  # refuse unusable LoRA flags before anything starts
+    adapters = adapter_checkpoint(args.load, getattr(args, "ckpt_step", None))
+    if adapters is not None:  # its settings are the defaults: given flags must agree
+        check_resumed_settings(lora, adapters[0], f"--load {args.load}")
     validate_args(args, {})
     # Without Transformer Engine, FP8 runs through torchao (runtime/float8.py), not Megatron's TE
     # path: the recipe is kept in ``torchao_float8`` and Megatron's own fp8 switch turned off.

@@ -9,13 +9,21 @@ from pathlib import Path
 import torch
 
 from megatron_patch.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, parse_size
-from megatron_patch.conversion.lora_peft import PEFT_PREFIX, read_peft_adapter
+from megatron_patch.conversion.lora_peft import (
+    PEFT_PREFIX,
+    peft_expert_targets,
+    read_peft_adapter,
+)
 from megatron_patch.utils.files import atomic_directory
 
 
 def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     """HF weight name -> the adapter's update ``alpha / r * B A`` (fp32) of a PEFT adapter."""
     settings, tensors = read_peft_adapter(adapter_dir)
+    if peft_expert_targets(adapter_dir):
+        raise ValueError(f"{adapter_dir}: the adapter adapts routed experts (PEFT "
+                         "target_parameters), which megatron-patch does not merge yet; merge "
+                         "with PEFT: PeftModel.from_pretrained(model, DIR).merge_and_unload()")
     deltas = {}
     for key, a in tensors.items():
         if ".lora_A." not in key:

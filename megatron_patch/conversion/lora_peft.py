@@ -8,12 +8,24 @@ family's weight-mapping rule of the base linear turns B (stored in the base weig
 layout) into the HF projections' B, and the stacked A into one A per projection. A fused
 projection that the PEFT adapter leaves out (``target_modules`` q_proj, v_proj only) is imported
 with zero A and B: its update is zero, as in PEFT, and stays zero in training.
+
+Routed experts: transformers 5 keeps a MoE layer's experts as two 3D parameters of one module,
+``experts.gate_up_proj`` ``[E, 2I, H]`` and ``experts.down_proj`` ``[E, H, I]``, which PEFT
+adapts through ``target_parameters``. Its adapter is one rank-r LoRA per expert with PEFT's
+scale alpha / r: ``lora_A`` ``[E*r, in]`` holds expert e's A in rows ``e*r ... e*r+r``,
+``lora_B`` ``[out, r*E]`` holds column j of expert e's B in column ``j*E + e``, and expert e's
+weight gets ``alpha / r * B_e A_e``. That is exactly our adapter of each expert's linear (the
+fused gate/up with one A, B in HF's ``[gate; up]`` rows). PEFT nests one wrapper per targeted
+parameter of the module in the order the module registers them (gate/up first, innermost): the
+inner one's tensors are named ``experts.base_layer.lora_A`` ...
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import logging
+import re
 import shutil
 from pathlib import Path
 
@@ -45,10 +57,31 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
+log = logging.getLogger(__name__)
+
+
+# a Megatron expert linear -> transformers 5's 3D parameter of the experts module, in the order
+# the module registers them (PEFT's nesting order)
+EXPERT_PARAMETERS = {"linear_fc1": "gate_up_proj", "linear_fc2": "down_proj"}
+_LAYER_PREFIX = re.compile(r"^.*?layers[.][0-9]+[.]")
+
 
 def _peft_key(hf_weight: str, matrix: str) -> str:
     """PEFT's tensor name of ``lora_A``/``lora_B`` for the HF linear of ``hf_weight``."""
     return f"{PEFT_PREFIX}{hf_weight.removesuffix('.weight')}.{matrix}.weight"
+
+
+def _expert_peft_key(module: str, target: str, targets: set[str], matrix: str) -> str:
+    """PEFT's tensor name of ``lora_A``/``lora_B`` of the experts parameter of ``target`` in
+    the HF experts ``module`` when ``targets`` are adapted there (nested wrappers)."""
+    order = [name for name in EXPERT_PARAMETERS if name in targets]
+    nesting = "base_layer." * (len(order) - 1 - order.index(target))
+    return f"{PEFT_PREFIX}{module}.{nesting}{matrix}.weight"
+
+
+def _target_parameter(module: str, target: str) -> str:
+    """``target_parameters`` entry of an experts parameter (``mlp.experts.gate_up_proj``)."""
+    return f"{_LAYER_PREFIX.sub('', module)}.{EXPERT_PARAMETERS[target]}"
 
 
 class AdapterLayout:
@@ -65,19 +98,12 @@ class AdapterLayout:
         adapted = sorted({name.removesuffix(f".{A_NAME}").removesuffix(f".{B_NAME}")
                           for name in self.layout.parameters if is_adapter_name(name)})
         self.linears = [name for name in adapted if expert_index(name) is None]
-        # target names whose linears include routed experts: no PEFT counterpart here
-        self.expert_targets = sorted({name.rsplit(".", 1)[-1] for name in adapted
-                                      if expert_index(name) is not None})
-
-    def refuse_experts(self, targets: list[str] | tuple[str, ...], source: object) -> None:
-        """Raise when ``targets`` adapt routed experts (they have no PEFT form here)."""
-        experts = sorted(set(targets) & set(self.expert_targets))
-        if experts:
-            raise ConversionError(
-                f"{source}: {','.join(experts)} adapters include routed experts: transformers 5 "
-                "stores experts as fused 3D parameters, which PEFT adapts through "
-                "target_parameters; exchange adapters of attention (and of dense MLPs) only "
-                "(--lora-target-modules linear_qkv,linear_proj)")
+        # (HF experts module, Megatron target) -> that layer's expert linears, by expert index
+        self.experts: dict[tuple[str, str], list[str]] = {}
+        for name in sorted((n for n in adapted if expert_index(n) is not None), key=expert_index):
+            rule, layer = rule_for(self.rules, f"{name}.weight")
+            module = rule.hf_names(layer)[0].rsplit(".", 3)[0]  # <module>.<e>.<proj>.weight
+            self.experts.setdefault((module, name.rsplit(".", 1)[-1]), []).append(name)
 
     def hf_tensors(self, linear: str, a: torch.Tensor, b: torch.Tensor
                    ) -> dict[str, torch.Tensor]:
@@ -119,6 +145,51 @@ class AdapterLayout:
         fused_b = rule.to_megatron(b_parts, layer, config)[f"{linear}.weight"]
         return {f"{linear}.{A_NAME}": torch.cat(a_blocks), f"{linear}.{B_NAME}": fused_b}
 
+    def _hf_rows(self, linear: str, b: torch.Tensor) -> torch.Tensor:
+        """One expert's B (Megatron rows) in the HF 3D parameter's rows (``[gate; up]``)."""
+        rule, layer = rule_for(self.rules, f"{linear}.weight")
+        parts = rule.to_hf(b, layer, self.layout.config)
+        return torch.cat([parts[name] for name in rule.hf_names(layer)])
+
+    def hf_expert_tensors(self, module: str, target: str, targets: set[str],
+                          loaded: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """PEFT tensors of one experts parameter from its experts' unsharded A and B."""
+        linears = self.experts[(module, target)]
+        a = torch.cat([loaded[f"{linear}.{A_NAME}"] for linear in linears])
+        b = torch.stack([self._hf_rows(linear, loaded[f"{linear}.{B_NAME}"])
+                         for linear in linears], dim=-1)
+        return {_expert_peft_key(module, target, targets, "lora_A"): a.contiguous(),
+                _expert_peft_key(module, target, targets, "lora_B"):
+                    b.reshape(b.shape[0], -1).contiguous()}
+
+    def megatron_expert_tensors(self, module: str, target: str, targets: set[str],
+                                peft: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Unsharded A and B of one layer's expert linears from PEFT's tensors of one experts
+        parameter (absent: zeros)."""
+        linears, rank = self.experts[(module, target)], self.settings.rank
+        shapes = {name: tuple(self.layout.parameters[f"{linears[0]}.{name}"].shape)
+                  for name in (A_NAME, B_NAME)}
+        count, (rows, in_features) = len(linears), (shapes[B_NAME][0], shapes[A_NAME][1])
+        keys = [_expert_peft_key(module, target, targets, m) for m in ("lora_A", "lora_B")]
+        expected = {keys[0]: (count * rank, in_features), keys[1]: (rows, rank * count)}
+        tensors = {key: peft.get(key, torch.zeros(shape)) for key, shape in expected.items()}
+        for key, shape in expected.items():
+            if tuple(tensors[key].shape) != shape:
+                raise ConversionError(f"{key}: shape {tuple(tensors[key].shape)}, the model "
+                                      f"expects {shape} ({count} experts; rank and base model "
+                                      "must match)")
+        a = tensors[keys[0]].reshape(count, rank, in_features)
+        b = tensors[keys[1]].reshape(rows, rank, count)
+        config, result = self.layout.config, {}
+        for expert, linear in enumerate(linears):
+            rule, layer = rule_for(self.rules, f"{linear}.weight")
+            parts = parts_of_rows(rule, layer, config, rows)
+            sizes = [rows] if parts is None else torch.bincount(parts).tolist()
+            hf = dict(zip(rule.hf_names(layer), b[:, :, expert].split(sizes)))
+            result[f"{linear}.{A_NAME}"] = a[expert]
+            result[f"{linear}.{B_NAME}"] = rule.to_megatron(hf, layer, config)[f"{linear}.weight"]
+        return result
+
 
 def _check_shape(hf_name: str, matrix: str, tensor: torch.Tensor, shape: tuple) -> None:
     if tuple(tensor.shape) != tuple(shape):
@@ -149,20 +220,34 @@ def export_lora(load: str | Path, out: str | Path, hf_template: str | Path | Non
     settings = settings_from_args(checkpoint.args)
     with atomic_directory(out) as scratch, single_process_group(scratch):
         adapters = AdapterLayout(checkpoint.args, settings)
-        adapters.refuse_experts(settings.targets, load)
         checkpoint.check(adapters.layout, keys=is_adapter_name)
         tensors: dict[str, torch.Tensor] = {}
         for linear in adapters.linears:
             names = [f"{linear}.{A_NAME}", f"{linear}.{B_NAME}"]
             loaded = checkpoint.load(names)
             tensors.update(adapters.hf_tensors(linear, *(loaded[n].float() for n in names)))
-        save_file(tensors, str(scratch / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         modules = sorted({key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
                           for key in tensors})
+        expert_targets = {target for _, target in adapters.experts}
+        for (module, target), linears in adapters.experts.items():
+            loaded = checkpoint.load([f"{linear}.{m}" for linear in linears
+                                      for m in (A_NAME, B_NAME)])
+            tensors.update(adapters.hf_expert_tensors(
+                module, target, expert_targets, {n: t.float() for n, t in loaded.items()}))
+        save_file(tensors, str(scratch / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        parameters = sorted({_target_parameter(module, target)
+                             for module, target in adapters.experts})
+        dropout = settings.dropout
+        if parameters and dropout:
+            log.warning("%s: PEFT's LoRA on expert parameters (target_parameters) has no "
+                        "dropout; the adapter is written with lora_dropout 0 (the same model; "
+                        "training it further in PEFT runs without dropout)", load)
+            dropout = 0.0
         config = {
             "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": settings.rank,
-            "lora_alpha": _alpha_value(settings.alpha), "lora_dropout": settings.dropout,
-            "target_modules": modules, "bias": "none", "fan_in_fan_out": False,
+            "lora_alpha": _alpha_value(settings.alpha), "lora_dropout": dropout,
+            "target_modules": modules or None, "target_parameters": parameters or None,
+            "bias": "none", "fan_in_fan_out": False,
             "use_rslora": False, "use_dora": False, "init_lora_weights": True,
             "inference_mode": True, "modules_to_save": None, "rank_pattern": {},
             "alpha_pattern": {},
@@ -204,6 +289,20 @@ def read_peft_adapter(adapter_dir: str | Path) -> tuple[LoraSettings, dict[str, 
     return settings, tensors
 
 
+def peft_expert_targets(adapter_dir: str | Path) -> set[str]:
+    """Megatron targets of the experts parameters a PEFT adapter adapts (``target_parameters``:
+    ``...experts.gate_up_proj`` -> linear_fc1, ``...experts.down_proj`` -> linear_fc2)."""
+    config_file = Path(adapter_dir) / ADAPTER_CONFIG
+    parameters = json.loads(config_file.read_text()).get("target_parameters") or []
+    targets = {target: [p for p in parameters if p.rsplit(".", 1)[-1] == name]
+               for target, name in EXPERT_PARAMETERS.items()}
+    unknown = sorted(set(parameters) - {p for found in targets.values() for p in found})
+    if unknown:
+        raise ConversionError(f"{config_file}: target_parameters {unknown} are not routed "
+                              "experts' gate_up_proj / down_proj (the 3D parameters imported)")
+    return {target for target, found in targets.items() if found}
+
+
 def import_lora(adapter_dir: str | Path, mcore_dir: str | Path, out: str | Path) -> Path:
     """Write the PEFT adapter in ``adapter_dir`` as an adapters-only checkpoint of the base
     Megatron checkpoint ``mcore_dir`` (a release checkpoint: training resumes from it with
@@ -219,18 +318,28 @@ def import_lora(adapter_dir: str | Path, mcore_dir: str | Path, out: str | Path)
             rule_for(adapters.rules, f"{linear}.weight")[1]) for linear in adapters.linears}
         present = {linear for linear, names in hf_names.items()
                    if any(_peft_key(name, "lora_A") in peft for name in names)}
-        unused = sorted(set(peft) - {_peft_key(name, matrix) for names in hf_names.values()
-                                     for name in names for matrix in ("lora_A", "lora_B")})
-        if unused or not present:
+        expert_targets = peft_expert_targets(adapter_dir)
+        known = {_peft_key(name, matrix) for names in hf_names.values() for name in names
+                 for matrix in ("lora_A", "lora_B")}
+        known |= {_expert_peft_key(module, target, expert_targets, matrix)
+                  for module, target in adapters.experts if target in expert_targets
+                  for matrix in ("lora_A", "lora_B")}
+        unused = sorted(set(peft) - known)
+        if unused or not (present or expert_targets):
             raise ConversionError(f"{adapter_dir}: {len(unused)} adapter tensors have no "
                                   f"Megatron linear (e.g. {(unused or ['none'])[0]}); adapters "
-                                  "on attention and dense MLP projections are imported")
-        targets = sorted({linear.rsplit(".", 1)[-1] for linear in present})
-        adapters.refuse_experts(targets, adapter_dir)
+                                  "on attention, MLP projections and routed experts' "
+                                  "gate_up_proj / down_proj are imported")
+        targets = sorted({linear.rsplit(".", 1)[-1] for linear in present} | expert_targets)
         source: dict[str, torch.Tensor] = {}
         for linear in adapters.linears:
             if linear.rsplit(".", 1)[-1] in targets:
                 source.update(adapters.megatron_tensors(linear, peft))
+        for module, target in adapters.experts:
+            if target in targets:  # experts the adapter leaves out: zero updates
+                given = target in expert_targets
+                source.update(adapters.megatron_expert_tensors(
+                    module, target, expert_targets | {target}, peft if given else {}))
         source_linears = {name.rsplit(".", 2)[0] for name in source}
         args = copy.copy(base.args)
         args.lora_rank, args.lora_alpha = settings.rank, settings.alpha

@@ -27,6 +27,7 @@ from megatron_patch.conversion.checkpoint_defaults import (
     saved_model_defaults,
 )
 from megatron_patch.data.bad_records import DataError
+from megatron_patch.models.common.lora import settings_from_args
 from megatron_patch.utils.metadata import checkpoint_metadata
 from megatron_patch.utils.torchrun import run_distributed
 
@@ -162,13 +163,15 @@ def load_tokenizer(args: argparse.Namespace) -> Any:
 
 
 def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceModel:
-    """Initialise the parallel state, build this rank's model chunk and load ``args.load``."""
+    """Initialise the parallel state, build this rank's model chunk and load ``args.load`` (an
+    adapters-only LoRA checkpoint with its base)."""
     from megatron.core.enums import ModelType
     from megatron.training.training import get_model
 
     from megatron_patch.models.builder import gpt_model_provider
     from megatron_patch.training.checkpoint import load_megatron_checkpoint
     from megatron_patch.training.initialize import initialize
+    from megatron_patch.training.lora import load_lora_model
     from megatron_patch.training.pretrain import set_padded_vocab
 
     if args.virtual_pipeline_model_parallel_size:
@@ -184,9 +187,12 @@ def load_inference_model(args: argparse.Namespace, tokenizer: Any) -> InferenceM
                              f"--tp {args.tensor_model_parallel_size}")
         args.padded_vocab_size = saved
 
-    model = get_model(gpt_model_provider(args, transformer_engine=False),
-                      ModelType.encoder_or_decoder, wrap_with_ddp=False)
-    load_megatron_checkpoint(model, None, None)
+    if settings_from_args(args) is not None:  # adapters-only: on the base it records
+        model = load_lora_model(args)
+    else:
+        model = get_model(gpt_model_provider(args, transformer_engine=False),
+                          ModelType.encoder_or_decoder, wrap_with_ddp=False)
+        load_megatron_checkpoint(model, None, None)
     model[0].eval()
     rows = metadata.get("vocab_rows") or args.vocab_size or tokenizer.vocab_size
     return InferenceModel(model[0], tokenizer, args, min(int(rows), args.padded_vocab_size))

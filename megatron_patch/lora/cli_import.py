@@ -2,8 +2,8 @@
 
     megatron-patch import-lora --adapter-dir ADAPTER_DIR --mcore-dir BASE --out CKPT
 
-``CKPT`` holds the adapters only and records ``BASE``: fine-tuning continues with
-``--load CKPT --lora-rank R ...`` at any TP/PP (``BASE``'s layout does not bind it).
+``CKPT`` holds the adapters only and records ``BASE`` and the adapter's LoRA settings:
+fine-tuning continues with ``--load CKPT`` at any TP/PP (``BASE``'s layout does not bind it).
 """
 
 from __future__ import annotations

@@ -43,7 +43,13 @@ from megatron_patch.models.common.spec import TE_COMPATIBLE_KEYS
 from megatron_patch.training.optimizer_steps import step_convention_loading
 from megatron_patch.utils.files import atomic_write_text, fsync_path, fsync_tree
 from megatron_patch.utils.instance_attributes import instance_attributes
-from megatron_patch.utils.metadata import TRACKER_FILE, checkpoint_metadata
+from megatron_patch.utils.metadata import (
+    TRACKER_FILE,
+    CheckpointError,
+    checkpoint_metadata,
+    iteration_dir,
+    read_tracker,
+)
 
 EXTRA_STATE = "_extra_state"
 STAGING_DIR = ".saving"
@@ -55,31 +61,6 @@ ARCHITECTURE_ARGS = (
     "position_embedding_type", "num_experts", "moe_ffn_hidden_size",
     "moe_shared_expert_intermediate_size", "multi_latent_attention",
 )
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be saved or loaded; the message names the file and the reason."""
-
-
-def iteration_dir(directory: str | Path, iteration: int | str) -> Path:
-    """Megatron's directory of one checkpoint: ``iter_0000100`` or ``release``."""
-    name = "release" if iteration == "release" else f"iter_{int(iteration):07d}"
-    return Path(directory) / name
-
-
-def read_tracker(directory: str | Path) -> int | str | None:
-    """The iteration (or ``"release"``) the tracker file names; None without one."""
-    tracker = Path(directory) / TRACKER_FILE
-    if not tracker.is_file():
-        return None
-    text = tracker.read_text(errors="replace").strip()
-    if text == "release":
-        return text
-    if text.isdigit():
-        return int(text)
-    raise CheckpointError(f"{tracker}: expected an iteration number or 'release', found "
-                          f"{text[:40]!r}; the tracker file is corrupt (write the iteration of a "
-                          "complete iter_* checkpoint into it)")
 
 
 def _brief(error: BaseException) -> str:

@@ -5,8 +5,9 @@ A LoRA model's chunks save and load only their adapter tensors (:func:`save_adap
 the base weights come from ``--pretrained-checkpoint`` (Megatron's flag), or from ``--load``
 when that holds a checkpoint without adapters (a converted or fully trained model: the first
 LoRA run), and are read with the adapters left out (:func:`load_base_weights`). An adapter
-checkpoint records the base it was trained on (its saved ``pretrained_checkpoint``), so
-resuming needs ``--load`` only.
+checkpoint records the base it was trained on (its saved ``pretrained_checkpoint``) and its
+``--lora-*`` settings, so resuming needs ``--load`` only (the settings become the defaults:
+:func:`megatron_patch.arguments.model_defaults_from_argv`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 from megatron.core.utils import unwrap_model
 
 from megatron_patch.models.common.lora import LoraError, is_adapter_name
+from megatron_patch.utils.metadata import saved_args
 
 KeyFilter = Callable[[str], bool]
 
@@ -71,21 +73,6 @@ def base_weights_only(chunks: list[torch.nn.Module]) -> Iterator[None]:
         yield
     finally:
         _restore(previous)
-
-
-def saved_args(load_dir: str | Path) -> argparse.Namespace | None:
-    """The Megatron args saved in the latest checkpoint of ``load_dir`` (None: no checkpoint)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_patch.training.checkpoint import iteration_dir, read_tracker
-
-    latest = read_tracker(load_dir)
-    if latest is None:
-        return None
-    directory = iteration_dir(load_dir, latest)
-    if not dist_checkpointing.check_is_distributed_checkpoint(str(directory)):
-        return None
-    return dist_checkpointing.load_common_state_dict(str(directory)).get("args")
 
 
 def is_adapter_checkpoint(load_dir: str | Path | None) -> bool:

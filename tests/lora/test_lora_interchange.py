@@ -1,11 +1,13 @@
 """LoRA adapters interchange with Hugging Face PEFT: import, export, logits at TP/PP 1-2.
 
 Three families (fused q/k/v with bias, a partial adapter on q/v and gate only, a MoE's
-attention) with random non-zero adapters; our base + adapter logits equal HF + PEFT's within
-1e-5 in fp32 at TP1, TP2 and PP2 (one torchrun launch of 2 gloo ranks).
+attention and routed experts through PEFT's target_parameters) with random non-zero
+adapters; our base + adapter logits equal HF + PEFT's within 1e-5 in fp32 at TP1, TP2 and PP2
+(one torchrun launch of 2 gloo ranks).
 """
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -18,6 +20,7 @@ from megatron_patch.conversion.engine import ConversionError
 from megatron_patch.conversion.lora_peft import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_lora
 from megatron_patch.conversion.verify.lora import peft_logits
 from tests.launch import REPO, run_module
+from tests.lora.conftest import ADAPTED_PARAMETERS
 
 TOLERANCE = 1e-5
 LAYOUTS = [(1, 1), (2, 1), (1, 2)]
@@ -43,6 +46,8 @@ def test_export_gives_back_the_imported_peft_adapter(lora_models, tmp_path):
         assert all(not exported[k].any() for k in set(exported) - set(original)), case
         config = json.loads((out / ADAPTER_CONFIG).read_text())
         assert (config["r"], config["lora_alpha"]) == (4, 8)
+        given = json.loads((paths["adapter"] / ADAPTER_CONFIG).read_text())["target_parameters"]
+        assert config["target_parameters"] == (sorted(given) if given else None), case
 
 
 def test_adapters_change_the_logits(lora_models):
@@ -60,12 +65,19 @@ def test_adapters_change_the_logits(lora_models):
 def compared(lora_models, tmp_path_factory) -> dict:
     """Every case of one torchrun launch: logits per family and layout, and LoRA training."""
     tmp = tmp_path_factory.mktemp("compare")
+    # routed experts' adapters need expert tensor parallelism 1
     cases = [{"id": f"{case}-tp{tp}-pp{pp}", "hf": str(paths["hf"]),
-              "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp}
+              "adapter": str(paths["adapter"]), "lora": str(paths["lora"]), "tp": tp, "pp": pp,
+              "etp": 1 if case in ADAPTED_PARAMETERS else None}
              for case, paths in lora_models.items() for tp, pp in LAYOUTS]
+    moe = {"hf": str(lora_models["qwen3_moe"]["hf"]), "tp": 2, "pp": 1, "etp": 2,
+           "adapter": str(lora_models["qwen3_moe"]["adapter"]),
+           "lora": str(lora_models["qwen3_moe"]["lora"])}
+    cases.append({"id": "qwen3_moe-tp2-etp2", **moe})  # experts split over expert-TP ranks
     paths = lora_models["qwen2"]
     cases.append({"id": "train-qwen2-tp2", "hf": str(paths["hf"]), "adapter": str(paths["adapter"]),
                   "lora": str(paths["lora"]), "tp": 2, "pp": 1, "train": TRAIN_STEPS})
+    cases.append({"id": "train-qwen3_moe-tp2-etp2", **moe, "sp": True, "train": TRAIN_STEPS})
     (tmp / "cases.json").write_text(json.dumps(cases))
     result = run_module("tests.lora.lora_worker", [str(tmp / "cases.json"),
                                                    str(tmp / "out.json")], nproc=2)
@@ -79,15 +91,17 @@ def compared(lora_models, tmp_path_factory) -> dict:
 def test_logits_match_hf_peft_at_tp_and_pp(compared):
     logits = {case: diff for case, diff in compared.items() if not case.startswith("train")}
     print("\n".join(f"  {case:24s} {diff:.3e}" for case, diff in logits.items()))
-    assert len(logits) == 9 and all(diff <= TOLERANCE for diff in logits.values()), logits
+    assert len(logits) == 10 and all(diff <= TOLERANCE for diff in logits.values()), logits
 
 
 @pytest.mark.distributed
 def test_lora_training_matches_hf_peft(compared):
-    """N AdamW steps of the adapters at TP2: loss and gradient norm per step equal HF + PEFT's
-    (``verify --train-steps``'s comparison, fp32 tolerance)."""
-    loss_rel, grad_norm_rel = compared["train-qwen2-tp2"]
-    assert loss_rel <= 1e-4 and grad_norm_rel <= 1e-4, compared["train-qwen2-tp2"]
+    """N AdamW steps of the adapters at TP2 (a MoE's experts split over 2 expert-TP ranks): loss
+    and gradient norm per step equal HF + PEFT's (``verify --train-steps``'s comparison, fp32
+    tolerance)."""
+    for case in ("train-qwen2-tp2", "train-qwen3_moe-tp2-etp2"):  # MoE: experts' adapters
+        loss_rel, grad_norm_rel = compared[case]
+        assert loss_rel <= 1e-4 and grad_norm_rel <= 1e-4, (case, compared[case])
 
 
 def test_import_lora_cli(lora_models, tmp_path):
@@ -132,3 +146,39 @@ def test_merged_model_equals_hf_peft(lora_models, tmp_path):
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
     assert (hf_logits(merged, tokens) - expected).abs().max() <= TOLERANCE
+
+
+def test_eval_ppl_of_a_lora_checkpoint_equals_hf_peft(lora_models, tmp_path):
+    """``megatron-patch eval-ppl`` of an adapters-only checkpoint (attention and routed
+    experts' adapters on its base) gives HF + PEFT's perplexity on the same windows."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from megatron_patch.generation.perplexity import windows
+    from tests.conversion.tiny_models import save_tokenizer
+
+    paths = lora_models["qwen3_moe"]
+    save_tokenizer(tmp_path / "tokenizer", 240)  # word-level: "t57" is token 57
+    generator = torch.Generator().manual_seed(2)  # (ids whose word starts with t0/t1/t2 split)
+    documents = [torch.randint(30, 100, (n,), generator=generator).tolist() for n in (40, 9)]
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": " ".join(f"t{i}" for i in d)}) + "\n"
+                            for d in documents))
+    done = _cli("eval-ppl", "--load", str(paths["lora"]), "--data-path", str(data),
+                "--seq-length", "16", "--dtype", "fp32", "--tokenizer-type", "HFTokenizer",
+                "--tokenizer-path", str(tmp_path / "tokenizer"),
+                "--output", str(tmp_path / "ppl.json"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads((tmp_path / "ppl.json").read_text())
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(paths["hf"], dtype=torch.float32),
+        str(paths["adapter"]))
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for window in windows(documents, 16):
+            logits = model(input_ids=torch.tensor([window[:-1]])).logits[0].double()
+            total += torch.nn.functional.cross_entropy(logits, torch.tensor(window[1:]),
+                                                       reduction="sum").item()
+            count += len(window) - 1
+    assert result["tokens"] == count
+    assert result["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-5)

@@ -9,21 +9,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.models.common.lora import settings_from_args
-from megatron_patch.training.lora_checkpoint import saved_args
-
 log = logging.getLogger(__name__)
-
-
-def lora_flags(lora_checkpoint: str | Path) -> list[str]:
-    """The ``--lora-*`` flags a LoRA checkpoint was trained (or imported) with."""
-    saved = saved_args(lora_checkpoint)
-    settings = settings_from_args(saved) if saved is not None else None
-    if settings is None:
-        raise ValueError(f"{lora_checkpoint}: not a LoRA checkpoint (no saved --lora-rank); "
-                         "pass the output of LoRA training or of megatron-patch import-lora")
-    return ["--lora-rank", str(settings.rank), "--lora-alpha", f"{settings.alpha:g}",
-            "--lora-target-modules", ",".join(settings.targets)]
 
 
 def peft_logits(hf_dir: str | Path, tokens: torch.Tensor, *, adapter_dir: str | Path
@@ -52,9 +38,9 @@ def peft_logits(hf_dir: str | Path, tokens: torch.Tensor, *, adapter_dir: str | 
 def compare_lora_logits(hf_dir: str | Path, adapter_dir: str | Path,
                         lora_checkpoint: str | Path, **kwargs) -> float:
     """Max |HF + PEFT - Megatron base + adapter| logit (``compare_logits``'s keyword arguments:
-    ``tp``, ``pp``, ``batch_size`` ...); the base is the one the LoRA checkpoint records."""
+    ``tp``, ``pp``, ``batch_size`` ...); the LoRA settings and the base are the ones the LoRA
+    checkpoint records (:func:`megatron_patch.arguments.model_defaults_from_argv`)."""
     from megatron_patch.conversion.verify.logits import compare_logits
 
-    extra = [*kwargs.pop("extra_args", ()), *lora_flags(lora_checkpoint)]
-    return compare_logits(hf_dir, lora_checkpoint, extra_args=extra,
+    return compare_logits(hf_dir, lora_checkpoint,
                           reference=partial(peft_logits, adapter_dir=adapter_dir), **kwargs)

@@ -276,10 +276,6 @@ def compare_training(hf_dir: str | Path, mcore_dir: str | Path, *, steps: int, t
     LoRA trains on both sides: ``mcore_dir`` is then the LoRA checkpoint of that adapter
     (``import-lora``), HF trains it with PEFT.
     """
-    if adapter_dir is not None:
-        from megatron_patch.conversion.verify.lora import lora_flags
-
-        extra_args = [*extra_args, *lora_flags(mcore_dir)]
     extra = ["--train-iters", str(steps), "--lr", str(hyper.lr), "--min-lr", str(hyper.min_lr),
              "--lr-decay-style", "cosine", "--lr-warmup-iters", str(hyper.warmup_steps),
              "--weight-decay", str(hyper.weight_decay), "--clip-grad", str(hyper.clip_grad),

@@ -9,7 +9,7 @@ stacked, the tokens (already sorted by expert) go through ``grouped_mm`` with th
 offsets kept on the device, and the activation and router-probability scaling follow
 ``MLP.forward``'s unfused path exactly. It falls back to ``SequentialMLP`` where the grouped
 kernel does not apply (one local expert, expert biases, FP8/FP4, TE activations, CUDA tensors
-other than bf16).
+other than bf16, linears with forward hooks: LoRA adapters).
 """
 
 from __future__ import annotations
@@ -32,6 +32,8 @@ class GroupedGemmExperts(SequentialMLP):
                 and not self.config.fp8 and not getattr(self.config, "fp4", None)
                 and not self.config.use_te_activation_func
                 and first.linear_fc1.bias is None and first.linear_fc2.bias is None
+                # hooked linears (LoRA adapters) must run their own forward
+                and not first.linear_fc1._forward_hooks and not first.linear_fc2._forward_hooks
                 and (not hidden.is_cuda or hidden.dtype == torch.bfloat16))
 
     def _activation(self, hidden: torch.Tensor) -> torch.Tensor:

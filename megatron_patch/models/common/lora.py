@@ -12,11 +12,15 @@ parameters.
 - Row-parallel base (``linear_proj``, ``linear_fc2``): A ``[r, in / TP]`` sharded like the
   base's columns, B ``[out, r]`` replicated; the partial low-rank product is reduced as the
   base's output is (all-reduce, or reduce-scatter over the sequence).
+- Routed experts over expert-TP ranks: sharded the same way, but the MoE token dispatcher
+  gathers their input and reduces their output, so the adapter communicates only to sum the
+  gradient of its replicated matrix (A of ``linear_fc1``, B of ``linear_fc2``) over the group.
 
 A fused base (q/k/v in ``linear_qkv``, gate/up in ``linear_fc1``) whose Hugging Face model has
 separate projections gets one A per projection (stacked, ``parts`` blocks of r rows) and each
 row of B multiplies its projection's block only: exactly the PEFT adapter, with B stored in the
-base weight's fused row layout. Which row belongs to which projection comes from the family's
+base weight's fused row layout (a routed expert's gate/up, one 3D tensor in transformers 5 that
+PEFT adapts whole, has one A). Which row belongs to which projection comes from the family's
 weight mapping (:mod:`megatron_patch.mapping.rules`) applied to row indices.
 """
 
@@ -87,6 +91,39 @@ def settings_from_args(args) -> LoraSettings | None:
     return LoraSettings(rank, float(alpha), args.lora_dropout, targets)
 
 
+def settings_as_args(settings: LoraSettings) -> dict[str, object]:
+    """The Megatron argument values (``lora_rank`` ...) :func:`settings_from_args` reads as
+    ``settings``."""
+    return {"lora_rank": settings.rank, "lora_alpha": settings.alpha,
+            "lora_dropout": settings.dropout, "lora_target_modules": ",".join(settings.targets)}
+
+
+def check_resumed_settings(given: LoraSettings | None, saved: LoraSettings,
+                           checkpoint: object) -> None:
+    """Refuse ``--lora-*`` flags that differ from those the adapters-only ``checkpoint`` was
+    trained with (its adapters continue: their shapes and scale are fixed)."""
+    if given is None:
+        raise LoraError(f"{checkpoint} holds LoRA adapters only (rank {saved.rank}), but "
+                        "--lora-rank 0 turns LoRA off; drop --lora-rank to continue the adapters, "
+                        "or load a checkpoint with all weights for full fine-tuning")
+    ours, theirs = settings_as_args(given), settings_as_args(saved)
+    ours["lora_target_modules"] = ",".join(sorted(given.targets))  # their order does not matter
+    theirs["lora_target_modules"] = ",".join(sorted(saved.targets))
+    differ = "; ".join(f"--{name.replace('_', '-')} {_shown(ours[name])} given, the "
+                       f"checkpoint's is {_shown(theirs[name])}"
+                       for name in theirs if ours[name] != theirs[name])
+    if differ:
+        raise LoraError(f"{checkpoint} holds LoRA adapters trained with other settings "
+                        f"({differ}). Drop the --lora-* flags to continue them with the "
+                        "checkpoint's settings, or train new adapters from the base "
+                        "(--pretrained-checkpoint BASE) with another --save and without "
+                        "this --load")
+
+
+def _shown(value: object) -> str:
+    return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+
+
 def is_adapter_name(name: str) -> bool:
     """Whether a parameter / state-dict key is a LoRA adapter tensor."""
     return name.endswith((f".{A_NAME}", f".{B_NAME}"))
@@ -115,9 +152,10 @@ class LoraAdapter(torch.nn.Module):
         self.tp_group = base.tp_group
         self.sequence_parallel = base.sequence_parallel and not base.explicit_expert_comm
         self.communicate = not base.explicit_expert_comm and self.tp_group.size() > 1
-        if base.explicit_expert_comm and self.tp_group.size() > 1:
-            raise LoraError("LoRA on routed experts split over expert tensor parallel ranks is "
-                            "not supported; pass --expert-tensor-parallel-size 1")
+        # routed experts over expert-TP ranks: the token dispatcher gathers their input and
+        # reduces their output (and the input's gradient), as for the base; the replicated
+        # matrix's gradient, partial on each rank, is summed over the group here
+        self.sum_replicated_grad = base.explicit_expert_comm and self.tp_group.size() > 1
         weight, rank = base.weight, settings.rank
         out_rows, in_cols = weight.shape
         count = int(parts.max()) + 1 if parts is not None else 1
@@ -147,7 +185,13 @@ class LoraAdapter(torch.nn.Module):
             else:
                 with tensor_parallel.get_cuda_rng_tracker().fork():
                     x = self.dropout(x)
-        low = torch.nn.functional.linear(x, self.A)
+        a, b = self.A, self.B
+        if self.sum_replicated_grad:  # identity forward, all-reduced gradient
+            if self.column:
+                a = copy_to_tensor_model_parallel_region(a, group=self.tp_group)
+            else:
+                b = copy_to_tensor_model_parallel_region(b, group=self.tp_group)
+        low = torch.nn.functional.linear(x, a)
         if self.communicate:
             if self.column:
                 low = (gather_from_sequence_parallel_region(low, group=self.tp_group)
@@ -158,9 +202,9 @@ class LoraAdapter(torch.nn.Module):
                        if self.sequence_parallel
                        else reduce_from_tensor_model_parallel_region(low, group=self.tp_group))
         if self.rows is None:
-            return torch.nn.functional.linear(low, self.B) * self.scaling
+            return torch.nn.functional.linear(low, b) * self.scaling
         blocks = low.split(self.rank, dim=-1)
-        rows = self.B[self.rows].split(self.part_sizes)
+        rows = b[self.rows].split(self.part_sizes)
         out = torch.cat([torch.nn.functional.linear(h, b) for h, b in zip(blocks, rows)], -1)
         return out[..., self.restore] * self.scaling
 
@@ -236,7 +280,10 @@ def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
         column = isinstance(module, ColumnParallelLinear)
         tp_rank, tp_size = module.tp_group.rank(), module.tp_group.size()
         rows = module.weight.shape[0] * (tp_size if column else 1)
-        parts = parts_of_rows(rule, layer, config, rows) if column else None
+        # a routed expert's gate/up is one HF tensor (transformers 5's experts.gate_up_proj,
+        # which PEFT adapts whole through target_parameters): one A, like PEFT's
+        parts = (parts_of_rows(rule, layer, config, rows)
+                 if column and not module.is_expert else None)
         gated = column and is_gated_fc1(f".{name}.", config.gated_linear_unit)
         if parts is not None:
             parts = tp_shard(parts, 0, tp_rank, tp_size, gated=gated)
