@@ -121,9 +121,8 @@ def test_fp32_comparisons_restart_with_tf32_off_on_a_gpu(monkeypatch):
         cli_verify.main(argv + ["--train-steps", "20", "--precision", "fp32"])
     assert [env for _, env in calls] == ["0", "0"]
     calls.clear()
-    # bf16 training (the GPU default) compares at bf16 tolerance: no restart (GPU: under
-    # NVIDIA_TF32_OVERRIDE=0 TE's cuDNN attention failed to load its engines); the run goes on
-    # to its input checks, which refuse the missing directories
+    # bf16 training (the GPU default) compares at bf16 tolerance, which TF32 does not spoil:
+    # no restart; the run goes on to its input checks, which refuse the missing directories
     assert cli_verify.main(argv + ["--train-steps", "20"]) == 1
     assert cli_verify.main(argv + ["--train-steps", "20", "--precision", "bf16"]) == 1
     assert calls == []
