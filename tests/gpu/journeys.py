@@ -200,7 +200,7 @@ def run(journey: Journey, config: str, site: str, out: Path, timeout: float,
     text = log.read_text(errors="replace")
     pattern = journey.check or LOSS
     values, tokens = pattern.findall(text), TOKENS.findall(text)
-    value = values[-1] if values else ""
+    value = (values[-1] if values else "") + (" (timed out)" if code is None else "")
     return Result(code == 0, value, f"{float(tokens[-1]):.0f}" if tokens else "",
                   time.time() - start)
 
