@@ -270,6 +270,8 @@ def _negate(value: Any) -> bool:
 # Rows that several families' tables share.
 GROUP_QUERY_ATTENTION = Arg("group_query_attention",
                             lambda a: a["num_query_groups"] != a["num_attention_heads"])
+KEY_VALUE_HEADS = Field("num_key_value_heads", "num_query_groups", int,
+                        default=lambda a: a["num_attention_heads"], from_args=_key_value_heads)
 VOCAB_SIZE = Field("vocab_size", "vocab_size", int)
 ATTENTION_DROPOUT = Field("attention_dropout", "attention_dropout", float, default=0.0)
 INITIALIZER_RANGE = Field("initializer_range", "init_method_std", float, default=0.02)
@@ -284,8 +286,7 @@ LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
     Field("intermediate_size", "ffn_hidden_size", int),
     Field("num_attention_heads", "num_attention_heads", int),
     GROUP_QUERY_ATTENTION,
-    Field("num_key_value_heads", "num_query_groups", int,
-          default=lambda a: a["num_attention_heads"], from_args=_key_value_heads),
+    KEY_VALUE_HEADS,
     Field("head_dim", "kv_channels", int,
           default=lambda a: a["hidden_size"] // a["num_attention_heads"]),
     Fixed("hidden_act", "silu"),
