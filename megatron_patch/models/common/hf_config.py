@@ -1,4 +1,4 @@
-"""Shared HF ``config.json`` <-> Megatron argument mapping for llama-style decoders.
+"""Shared HF ``config.json`` <-> Megatron argument mapping.
 
 A field table (:class:`Field`, :class:`Arg`, :class:`Fixed` rows) states once how each
 ``config.json`` field and Megatron argument correspond; :func:`fields_to_megatron` and
@@ -6,6 +6,8 @@ A field table (:class:`Field`, :class:`Arg`, :class:`Fixed` rows) states once ho
 llama-style decoder: Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (q/k/v bias,
 per-head q/k norm, sliding window), so they share :func:`llama_style_to_megatron` /
 :func:`megatron_to_llama_style`; other families add rows of their own (DeepSeek's MLA sizes).
+GPT-style families (Bloom, Falcon, OPT, StarCoder, ChatGLM) write their tables with
+:func:`decoder_fields`.
 What is not one field to one argument (rope, windows) is code here or in the family.
 Fields that would change the model but have no Megatron equivalent raise
 :class:`UnsupportedConfigError` naming the field, never a silently different model.
@@ -40,7 +42,8 @@ def load_hf_config(hf_dir: str | Path) -> HFConfig:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _require(hf: HFConfig, field: str) -> Any:
+def require(hf: HFConfig, field: str) -> Any:
+    """``hf[field]``, refusing a missing or null field, naming it."""
     if field not in hf or hf[field] is None:
         raise UnsupportedConfigError(f"config.json: required field {field!r} is missing")
     return hf[field]
@@ -77,8 +80,8 @@ def _hf_rope_scaling(hf: HFConfig, rope: dict[str, Any]) -> dict[str, Any]:
         # transformers prefers the top-level value (Phi-3 style) to the one in the rope dict.
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     if kind == "longrope":
-        heads = int(_require(hf, "num_attention_heads"))
-        head_dim = int(hf.get("head_dim") or int(_require(hf, "hidden_size")) // heads)
+        heads = int(require(hf, "num_attention_heads"))
+        head_dim = int(hf.get("head_dim") or int(require(hf, "hidden_size")) // heads)
         pairs = int(head_dim * float(hf.get("partial_rotary_factor", 1.0))) // 2
         for key in ("short_factor", "long_factor"):
             if not isinstance(rope[key], list) or len(rope[key]) != pairs:
@@ -167,7 +170,7 @@ class Field:
         value = next((hf[name] for name in (self.hf, *self.also) if hf.get(name) is not None),
                      None)
         if self.default is REQUIRED and value is None:
-            value = _require(hf, self.hf)
+            value = require(hf, self.hf)
         elif isinstance(self.default, bool) and value is None:
             value = hf.get(self.hf, self.default)
         elif callable(self.default) and not value:
@@ -258,8 +261,9 @@ def without(table: Iterable[Row], *hf_fields: str) -> tuple[Row, ...]:
     return tuple(row for row in table if getattr(row, "hf", None) not in hf_fields)
 
 
-def _key_value_heads(args: Any) -> int:
-    # Megatron's num_query_groups only counts with --group-query-attention.
+def key_value_heads(args: Any) -> int:
+    """HF's key/value heads for Megatron arguments (``num_query_groups`` only counts with
+    ``--group-query-attention``)."""
     return args.num_query_groups if args.group_query_attention else args.num_attention_heads
 
 
@@ -271,9 +275,10 @@ def _negate(value: Any) -> bool:
 GROUP_QUERY_ATTENTION = Arg("group_query_attention",
                             lambda a: a["num_query_groups"] != a["num_attention_heads"])
 KEY_VALUE_HEADS = Field("num_key_value_heads", "num_query_groups", int,
-                        default=lambda a: a["num_attention_heads"], from_args=_key_value_heads)
+                        default=lambda a: a["num_attention_heads"], from_args=key_value_heads)
 VOCAB_SIZE = Field("vocab_size", "vocab_size", int)
 ATTENTION_DROPOUT = Field("attention_dropout", "attention_dropout", float, default=0.0)
+HIDDEN_DROPOUT = Field("hidden_dropout", "hidden_dropout", float, default=0.0)
 INITIALIZER_RANGE = Field("initializer_range", "init_method_std", float, default=0.02)
 TIED_EMBEDDINGS = Field("tie_word_embeddings", "untie_embeddings_and_output_weights", _negate,
                         _negate, default=True)
@@ -344,7 +349,7 @@ def qwen_window(hf: HFConfig) -> int | None:
     """
     if not hf.get("use_sliding_window"):
         return None
-    layers = int(_require(hf, "num_hidden_layers"))
+    layers = int(require(hf, "num_hidden_layers"))
     first = int(hf.get("max_window_layers", 0))
     kinds = set(hf.get("layer_types") or
                 ["full_attention"] * min(first, layers) + ["sliding_attention"] * (layers - first))

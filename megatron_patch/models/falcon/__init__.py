@@ -28,6 +28,7 @@ from megatron_patch.models.common.decoder_args import (
 )
 from megatron_patch.models.common.hf_config import (
     ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
     INITIALIZER_RANGE,
     TIED_EMBEDDINGS,
     VOCAB_SIZE,
@@ -58,7 +59,7 @@ FALCON_FIELDS = decoder_fields(
     TIED_EMBEDDINGS,
     VOCAB_SIZE,
     ATTENTION_DROPOUT,
-    Field("hidden_dropout", "hidden_dropout", float, default=0.0),
+    HIDDEN_DROPOUT,
     INITIALIZER_RANGE,
     Arg("mlp_activation", "gelu"),
 )
