@@ -33,6 +33,7 @@ from megatron_patch.models.common.hf_config import (
     decoder_fields,
     fields_to_hf,
     fields_to_megatron,
+    gpt_ffn_hidden_size,
 )
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.registry import register_family
@@ -43,7 +44,7 @@ BLOOM_FIELDS = decoder_fields(
           why="the residual would be taken after the input norm"),
     Field("n_layer", "num_layers", int, also=("num_hidden_layers",)),
     Field("hidden_size", "hidden_size", int, also=("n_embed",)),
-    Arg("ffn_hidden_size", lambda args: 4 * args["hidden_size"]),
+    Arg("ffn_hidden_size", gpt_ffn_hidden_size),
     Field("n_head", "num_attention_heads", int, also=("num_attention_heads",)),
     Arg("max_position_embeddings", TRAINING_LENGTH),
     Field("layer_norm_epsilon", "layernorm_epsilon", float, default=1e-5),

@@ -271,11 +271,25 @@ def _negate(value: Any) -> bool:
     return not value
 
 
+def _query_heads(args: MegatronArgs) -> int:
+    return args["num_attention_heads"]
+
+
+def gpt_ffn_hidden_size(args: MegatronArgs) -> int:
+    """``4 * hidden_size``: GPT's MLP width, where a config states none."""
+    return 4 * args["hidden_size"]
+
+
+def hidden_per_head(args: MegatronArgs) -> int:
+    """``hidden_size / num_attention_heads``: the head size of a config that states none."""
+    return args["hidden_size"] // args["num_attention_heads"]
+
+
 # Rows that several families' tables share.
 GROUP_QUERY_ATTENTION = Arg("group_query_attention",
                             lambda a: a["num_query_groups"] != a["num_attention_heads"])
-KEY_VALUE_HEADS = Field("num_key_value_heads", "num_query_groups", int,
-                        default=lambda a: a["num_attention_heads"], from_args=key_value_heads)
+KEY_VALUE_HEADS = Field("num_key_value_heads", "num_query_groups", int, default=_query_heads,
+                        from_args=key_value_heads)
 VOCAB_SIZE = Field("vocab_size", "vocab_size", int)
 ATTENTION_DROPOUT = Field("attention_dropout", "attention_dropout", float, default=0.0)
 HIDDEN_DROPOUT = Field("hidden_dropout", "hidden_dropout", float, default=0.0)
@@ -292,8 +306,7 @@ LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
     Field("num_attention_heads", "num_attention_heads", int),
     GROUP_QUERY_ATTENTION,
     KEY_VALUE_HEADS,
-    Field("head_dim", "kv_channels", int,
-          default=lambda a: a["hidden_size"] // a["num_attention_heads"]),
+    Field("head_dim", "kv_channels", int, default=hidden_per_head),
     Fixed("hidden_act", "silu"),
     Field("max_position_embeddings", "max_position_embeddings", int, default=4096),
     Arg("normalization", "RMSNorm"),
@@ -312,9 +325,9 @@ LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
 # What a GPT-style decoder's config.json leaves implicit: multi-head attention, heads of
 # hidden_size / heads channels, LayerNorm, a plain MLP, q/k/v biases as the other layers'.
 _DECODER_ARGS: tuple[Arg, ...] = (
-    Arg("num_query_groups", lambda a: a["num_attention_heads"]),
+    Arg("num_query_groups", _query_heads),
     GROUP_QUERY_ATTENTION,
-    Arg("kv_channels", lambda a: a["hidden_size"] // a["num_attention_heads"]),
+    Arg("kv_channels", hidden_per_head),
     Arg("normalization", "LayerNorm"),
     Arg("swiglu", False),
     Arg("add_qkv_bias", lambda a: a["add_bias_linear"]),

@@ -38,6 +38,7 @@ from megatron_patch.models.common.hf_config import (
     decoder_fields,
     fields_to_hf,
     fields_to_megatron,
+    gpt_ffn_hidden_size,
     rope_to_hf,
     rope_to_megatron,
 )
@@ -51,7 +52,7 @@ FALCON_FIELDS = decoder_fields(
     Fixed("activation", "gelu"),
     Field("num_hidden_layers", "num_layers", int, also=("n_layer",)),
     Field("hidden_size", "hidden_size", int),
-    Field("ffn_hidden_size", "ffn_hidden_size", int, default=lambda args: 4 * args["hidden_size"]),
+    Field("ffn_hidden_size", "ffn_hidden_size", int, default=gpt_ffn_hidden_size),
     Field("num_attention_heads", "num_attention_heads", int, also=("n_head",)),
     Field("max_position_embeddings", "max_position_embeddings", int, default=2048),
     Field("layer_norm_epsilon", "layernorm_epsilon", float, default=1e-5),
