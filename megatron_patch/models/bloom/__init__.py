@@ -18,50 +18,58 @@ from megatron_patch.models.bloom.sizes import BLOOM_SIZES
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT_BIAS,
-    decoder_args,
     direct_rules,
-    field,
     output_layer_rules,
-    refuse,
+)
+from megatron_patch.models.common.hf_config import (
+    ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
+    INITIALIZER_RANGE,
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    Arg,
+    Field,
+    Fixed,
+    decoder_fields,
+    fields_to_hf,
+    fields_to_megatron,
+    gpt_ffn_hidden_size,
 )
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.registry import register_family
 
 TRAINING_LENGTH = 2048
+BLOOM_FIELDS = decoder_fields(
+    Fixed("apply_residual_connection_post_layernorm", False,
+          why="the residual would be taken after the input norm"),
+    Field("n_layer", "num_layers", int, also=("num_hidden_layers",)),
+    Field("hidden_size", "hidden_size", int, also=("n_embed",)),
+    Arg("ffn_hidden_size", gpt_ffn_hidden_size),
+    Field("n_head", "num_attention_heads", int, also=("num_attention_heads",)),
+    Arg("max_position_embeddings", TRAINING_LENGTH),
+    Field("layer_norm_epsilon", "layernorm_epsilon", float, default=1e-5),
+    Arg("add_bias_linear", True),
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
+    INITIALIZER_RANGE,
+    Arg("position_embedding_type", "none"),
+    Arg("alibi", True),
+    Arg("embedding_layernorm", True),
+    Arg("mlp_activation", "gelu_tanh"),
+)
 
 
 def bloom_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for a Bloom ``config.json``."""
-    refuse(hf, "apply_residual_connection_post_layernorm", True, False,
-           "the residual would be taken after the input norm")
-    hidden = field(hf, "hidden_size", "n_embed")
-    return decoder_args(
-        layers=field(hf, "n_layer", "num_hidden_layers"), hidden=hidden, ffn=4 * hidden,
-        heads=field(hf, "n_head", "num_attention_heads"),
-        kv_heads=field(hf, "n_head", "num_attention_heads"), vocab=field(hf, "vocab_size"),
-        max_positions=TRAINING_LENGTH, norm="LayerNorm",
-        eps=field(hf, "layer_norm_epsilon", default=1e-5),
-        tied=hf.get("tie_word_embeddings", True), bias=True,
-        attention_dropout=field(hf, "attention_dropout", default=0.0),
-        hidden_dropout=field(hf, "hidden_dropout", default=0.0),
-        init_std=field(hf, "initializer_range", default=0.02),
-        position_embedding_type="none", alibi=True, embedding_layernorm=True,
-        mlp_activation="gelu_tanh",
-    )
+    return fields_to_megatron(hf, BLOOM_FIELDS)
 
 
 def megatron_to_bloom(args: Any) -> HFConfig:
     """Bloom ``config.json`` fields for Megatron arguments."""
-    return {
-        "architectures": ["BloomForCausalLM"], "model_type": "bloom",
-        "hidden_size": args.hidden_size, "n_layer": args.num_layers,
-        "n_head": args.num_attention_heads, "vocab_size": args.vocab_size,
-        "layer_norm_epsilon": args.layernorm_epsilon,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "attention_dropout": args.attention_dropout, "hidden_dropout": args.hidden_dropout,
-        "initializer_range": args.init_method_std,
-        "apply_residual_connection_post_layernorm": False,
-    }
+    return {"architectures": ["BloomForCausalLM"], "model_type": "bloom",
+            **fields_to_hf(args, BLOOM_FIELDS)}
 
 
 def bloom_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]:

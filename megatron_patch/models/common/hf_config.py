@@ -1,4 +1,4 @@
-"""Shared HF ``config.json`` <-> Megatron argument mapping for llama-style decoders.
+"""Shared HF ``config.json`` <-> Megatron argument mapping.
 
 A field table (:class:`Field`, :class:`Arg`, :class:`Fixed` rows) states once how each
 ``config.json`` field and Megatron argument correspond; :func:`fields_to_megatron` and
@@ -6,6 +6,8 @@ A field table (:class:`Field`, :class:`Arg`, :class:`Fixed` rows) states once ho
 llama-style decoder: Llama, Mistral, Qwen2 and Qwen3 differ only in a few switches (q/k/v bias,
 per-head q/k norm, sliding window), so they share :func:`llama_style_to_megatron` /
 :func:`megatron_to_llama_style`; other families add rows of their own (DeepSeek's MLA sizes).
+GPT-style families (Bloom, Falcon, OPT, StarCoder, ChatGLM) write their tables with
+:func:`decoder_fields`.
 What is not one field to one argument (rope, windows) is code here or in the family.
 Fields that would change the model but have no Megatron equivalent raise
 :class:`UnsupportedConfigError` naming the field, never a silently different model.
@@ -15,8 +17,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +42,8 @@ def load_hf_config(hf_dir: str | Path) -> HFConfig:
         raise ValueError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def _require(hf: HFConfig, field: str) -> Any:
+def require(hf: HFConfig, field: str) -> Any:
+    """``hf[field]``, refusing a missing or null field, naming it."""
     if field not in hf or hf[field] is None:
         raise UnsupportedConfigError(f"config.json: required field {field!r} is missing")
     return hf[field]
@@ -77,8 +80,8 @@ def _hf_rope_scaling(hf: HFConfig, rope: dict[str, Any]) -> dict[str, Any]:
         # transformers prefers the top-level value (Phi-3 style) to the one in the rope dict.
         scaling["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
     if kind == "longrope":
-        heads = int(_require(hf, "num_attention_heads"))
-        head_dim = int(hf.get("head_dim") or int(_require(hf, "hidden_size")) // heads)
+        heads = int(require(hf, "num_attention_heads"))
+        head_dim = int(hf.get("head_dim") or int(require(hf, "hidden_size")) // heads)
         pairs = int(head_dim * float(hf.get("partial_rotary_factor", 1.0))) // 2
         for key in ("short_factor", "long_factor"):
             if not isinstance(rope[key], list) or len(rope[key]) != pairs:
@@ -143,11 +146,14 @@ REQUIRED: Any = _Required()  # a Field's default: the field must be set
 class Field:
     """A ``config.json`` field and the Megatron argument it becomes, read and written by one row.
 
-    ``to_megatron`` / ``to_hf`` convert the value each way (None: unchanged). ``default``: the
-    value of an absent field; REQUIRED refuses a missing or null field, naming it; a function of
-    the arguments read by the rows above computes it, and then also stands in for a null or zero
-    value (as transformers reads ``head_dim``). ``from_args``: the ``config.json`` value computed
-    from all Megatron arguments, where the row's own argument does not give it alone.
+    ``also``: other spellings of the field, read in order after ``hf`` (written as ``hf``).
+    ``values``: the supported values, any other is refused naming the field; a mapping also
+    converts each to the argument's value. ``to_megatron`` / ``to_hf`` convert the value each way
+    (None: unchanged). ``default``: the value of an absent or null field (in a bool row a null
+    is false, as transformers reads it); REQUIRED refuses a missing or null field, naming it; a
+    function of the arguments read by the rows above computes it, and then also stands in for a
+    zero value (as transformers reads ``head_dim``). ``from_args``: the ``config.json`` value
+    computed from all Megatron arguments, where the row's own argument does not give it alone.
     """
 
     hf: str
@@ -156,15 +162,25 @@ class Field:
     to_hf: Callable[[Any], Any] | None = None
     default: Any = REQUIRED
     from_args: Callable[[Any], Any] | None = None
+    also: tuple[str, ...] = ()
+    values: Collection[Any] | None = None
 
     def read(self, hf: HFConfig, args: MegatronArgs) -> Any:
         """The argument's value for ``hf`` (``args``: the values of the rows above)."""
-        if self.default is REQUIRED:
-            value = _require(hf, self.hf)
-        elif callable(self.default):
-            value = hf.get(self.hf) or self.default(args)
-        else:
+        value = next((hf[name] for name in (self.hf, *self.also) if hf.get(name) is not None),
+                     None)
+        if self.default is REQUIRED and value is None:
+            value = require(hf, self.hf)
+        elif isinstance(self.default, bool) and value is None:
             value = hf.get(self.hf, self.default)
+        elif callable(self.default) and not value:
+            value = self.default(args)
+        elif value is None:
+            value = self.default
+        if self.values is not None:
+            value = _expect(hf, self.hf, tuple(self.values), value)
+            if isinstance(self.values, Mapping):
+                value = self.values[value]
         return self.to_megatron(value) if self.to_megatron else value
 
     def write(self, args: Any) -> Any:
@@ -187,29 +203,44 @@ class Arg:
 @dataclass(frozen=True)
 class Fixed:
     """A ``config.json`` field with no Megatron argument: any other value than ``value`` is
-    refused (absent or null means ``value``), and it is written as ``value``."""
+    refused (absent or null means ``value``), saying ``why`` where given, and it is written as
+    ``value``."""
 
     hf: str
     value: Any
+    why: str = ""
+
+    def check(self, hf: HFConfig) -> None:
+        """Refuse ``hf`` if it sets the field to another value, naming the field."""
+        if not self.why:
+            _expect(hf, self.hf, (self.value,), self.value)
+        elif hf.get(self.hf) is not None and hf[self.hf] != self.value:
+            raise UnsupportedConfigError(
+                f"config.json: {self.hf}={hf[self.hf]!r} is not supported ({self.why})")
 
 
 Row = Field | Arg | Fixed
 
 
-def fields_to_megatron(hf: HFConfig, table: Iterable[Row]) -> MegatronArgs:
-    """Megatron argument values of ``hf`` by a field table, in the table's order."""
+def fields_to_megatron(hf: HFConfig, table: Iterable[Row], **own: Any) -> MegatronArgs:
+    """Megatron argument values of ``hf`` by a field table, in the table's order.
+
+    ``own``: values the family reads its own way; they replace the Arg rows of their arguments
+    and the other Arg rows may use them.
+    """
     table = tuple(table)
     for row in table:
         if isinstance(row, Fixed):
-            _expect(hf, row.hf, (row.value,), row.value)
+            row.check(hf)
     args: MegatronArgs = {}
     for row in table:
         if isinstance(row, Field):
             args[row.megatron] = row.read(hf, args)
         elif isinstance(row, Arg):
             args[row.megatron] = None  # computed below, in the table's order
+    args.update(own)
     for row in table:
-        if isinstance(row, Arg):
+        if isinstance(row, Arg) and row.megatron not in own:
             args[row.megatron] = row.value(args) if callable(row.value) else row.value
     return args
 
@@ -230,14 +261,41 @@ def without(table: Iterable[Row], *hf_fields: str) -> tuple[Row, ...]:
     return tuple(row for row in table if getattr(row, "hf", None) not in hf_fields)
 
 
-def _key_value_heads(args: Any) -> int:
-    # Megatron's num_query_groups only counts with --group-query-attention.
+def key_value_heads(args: Any) -> int:
+    """HF's key/value heads for Megatron arguments (``num_query_groups`` only counts with
+    ``--group-query-attention``)."""
     return args.num_query_groups if args.group_query_attention else args.num_attention_heads
 
 
 def _negate(value: Any) -> bool:
     return not value
 
+
+def _query_heads(args: MegatronArgs) -> int:
+    return args["num_attention_heads"]
+
+
+def gpt_ffn_hidden_size(args: MegatronArgs) -> int:
+    """``4 * hidden_size``: GPT's MLP width, where a config states none."""
+    return 4 * args["hidden_size"]
+
+
+def hidden_per_head(args: MegatronArgs) -> int:
+    """``hidden_size / num_attention_heads``: the head size of a config that states none."""
+    return args["hidden_size"] // args["num_attention_heads"]
+
+
+# Rows that several families' tables share.
+GROUP_QUERY_ATTENTION = Arg("group_query_attention",
+                            lambda a: a["num_query_groups"] != a["num_attention_heads"])
+KEY_VALUE_HEADS = Field("num_key_value_heads", "num_query_groups", int, default=_query_heads,
+                        from_args=key_value_heads)
+VOCAB_SIZE = Field("vocab_size", "vocab_size", int)
+ATTENTION_DROPOUT = Field("attention_dropout", "attention_dropout", float, default=0.0)
+HIDDEN_DROPOUT = Field("hidden_dropout", "hidden_dropout", float, default=0.0)
+INITIALIZER_RANGE = Field("initializer_range", "init_method_std", float, default=0.02)
+TIED_EMBEDDINGS = Field("tie_word_embeddings", "untie_embeddings_and_output_weights", _negate,
+                        _negate, default=True)
 
 # The llama-style decoder, in the order of Megatron's flags. Family switches (q/k/v bias, q/k
 # norm) override their Arg rows; rope and the sliding window are mapped by the code below.
@@ -246,11 +304,9 @@ LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
     Field("hidden_size", "hidden_size", int),
     Field("intermediate_size", "ffn_hidden_size", int),
     Field("num_attention_heads", "num_attention_heads", int),
-    Arg("group_query_attention", lambda a: a["num_query_groups"] != a["num_attention_heads"]),
-    Field("num_key_value_heads", "num_query_groups", int,
-          default=lambda a: a["num_attention_heads"], from_args=_key_value_heads),
-    Field("head_dim", "kv_channels", int,
-          default=lambda a: a["hidden_size"] // a["num_attention_heads"]),
+    GROUP_QUERY_ATTENTION,
+    KEY_VALUE_HEADS,
+    Field("head_dim", "kv_channels", int, default=hidden_per_head),
     Fixed("hidden_act", "silu"),
     Field("max_position_embeddings", "max_position_embeddings", int, default=4096),
     Arg("normalization", "RMSNorm"),
@@ -259,13 +315,30 @@ LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
     Arg("add_bias_linear", False),
     Arg("add_qkv_bias", False),
     Arg("qk_layernorm", False),
-    Field("tie_word_embeddings", "untie_embeddings_and_output_weights", _negate, _negate,
-          default=False),
-    Field("vocab_size", "vocab_size", int),
-    Field("attention_dropout", "attention_dropout", float, default=0.0),
+    replace(TIED_EMBEDDINGS, default=False),
+    VOCAB_SIZE,
+    ATTENTION_DROPOUT,
     Arg("hidden_dropout", 0.0),
-    Field("initializer_range", "init_method_std", float, default=0.02),
+    INITIALIZER_RANGE,
 )
+
+# What a GPT-style decoder's config.json leaves implicit: multi-head attention, heads of
+# hidden_size / heads channels, LayerNorm, a plain MLP, q/k/v biases as the other layers'.
+_DECODER_ARGS: tuple[Arg, ...] = (
+    Arg("num_query_groups", _query_heads),
+    GROUP_QUERY_ATTENTION,
+    Arg("kv_channels", hidden_per_head),
+    Arg("normalization", "LayerNorm"),
+    Arg("swiglu", False),
+    Arg("add_qkv_bias", lambda a: a["add_bias_linear"]),
+    Arg("qk_layernorm", False),
+)
+
+
+def decoder_fields(*rows: Row) -> tuple[Row, ...]:
+    """A GPT-style decoder's field table: ``rows``, then the implicit arguments they leave."""
+    given = {getattr(row, "megatron", None) for row in rows}
+    return (*rows, *(arg for arg in _DECODER_ARGS if arg.megatron not in given))
 
 
 def _effective_window(hf: HFConfig) -> int | None:
@@ -289,7 +362,7 @@ def qwen_window(hf: HFConfig) -> int | None:
     """
     if not hf.get("use_sliding_window"):
         return None
-    layers = int(_require(hf, "num_hidden_layers"))
+    layers = int(require(hf, "num_hidden_layers"))
     first = int(hf.get("max_window_layers", 0))
     kinds = set(hf.get("layer_types") or
                 ["full_attention"] * min(first, layers) + ["sliding_attention"] * (layers - first))

@@ -22,50 +22,71 @@ from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT,
     WEIGHT_BIAS,
-    decoder_args,
     direct_rules,
-    field,
     output_layer_rules,
     refuse,
 )
-from megatron_patch.models.common.hf_config import _expect, rope_to_hf, rope_to_megatron
+from megatron_patch.models.common.hf_config import (
+    ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
+    INITIALIZER_RANGE,
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    Arg,
+    Field,
+    Fixed,
+    decoder_fields,
+    fields_to_hf,
+    fields_to_megatron,
+    gpt_ffn_hidden_size,
+    rope_to_hf,
+    rope_to_megatron,
+)
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.falcon.sizes import FALCON_SIZES
 from megatron_patch.models.registry import register_family
 
+# Falcon's rows; the attention layout (heads, parallel layer, norms) and rope are read below.
+FALCON_FIELDS = decoder_fields(
+    Fixed("alibi", False, why="Falcon-RW's ALiBi is scaled with the attention scores"),
+    Fixed("activation", "gelu"),
+    Field("num_hidden_layers", "num_layers", int, also=("n_layer",)),
+    Field("hidden_size", "hidden_size", int),
+    Field("ffn_hidden_size", "ffn_hidden_size", int, default=gpt_ffn_hidden_size),
+    Field("num_attention_heads", "num_attention_heads", int, also=("n_head",)),
+    Field("max_position_embeddings", "max_position_embeddings", int, default=2048),
+    Field("layer_norm_epsilon", "layernorm_epsilon", float, default=1e-5),
+    Field("bias", "add_bias_linear", bool, default=False),
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
+    INITIALIZER_RANGE,
+    Arg("mlp_activation", "gelu"),
+)
 
-def _kv_heads(hf: HFConfig, heads: int) -> int:
+
+def _kv_heads(hf: HFConfig) -> MegatronArgs:
+    """``num_query_groups`` where Falcon has fewer key/value heads than query heads."""
     if hf.get("new_decoder_architecture"):
-        return int(hf.get("num_kv_heads") or heads)
-    return 1 if hf.get("multi_query", True) else heads
+        groups = hf.get("num_kv_heads")
+    else:
+        groups = 1 if hf.get("multi_query", True) else None
+    return {"num_query_groups": int(groups)} if groups else {}
 
 
 def falcon_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for a Falcon ``config.json``."""
-    refuse(hf, "alibi", True, False, "Falcon-RW's ALiBi is scaled with the attention scores")
     refuse(hf, "apply_residual_connection_post_layernorm", True, False,
            "the residual would be taken after the input norm")
-    _expect(hf, "activation", ("gelu",), "gelu")
     new = bool(hf.get("new_decoder_architecture"))
     if new:
         refuse(hf, "parallel_attn", False, True, "the new decoder architecture is parallel")
-    parallel = new or hf.get("parallel_attn", True)
-    hidden = field(hf, "hidden_size")
-    heads = field(hf, "num_attention_heads", "n_head")
-    norms = int(hf.get("num_ln_in_parallel_attn") or 2) if new else 1
-    return decoder_args(
-        layers=field(hf, "num_hidden_layers", "n_layer"), hidden=hidden,
-        ffn=field(hf, "ffn_hidden_size", default=4 * hidden), heads=heads,
-        kv_heads=_kv_heads(hf, heads), vocab=field(hf, "vocab_size"),
-        max_positions=field(hf, "max_position_embeddings", default=2048), norm="LayerNorm",
-        eps=field(hf, "layer_norm_epsilon", default=1e-5),
-        tied=hf.get("tie_word_embeddings", True), bias=bool(hf.get("bias", False)),
-        attention_dropout=field(hf, "attention_dropout", default=0.0),
-        hidden_dropout=field(hf, "hidden_dropout", default=0.0),
-        init_std=field(hf, "initializer_range", default=0.02),
-        mlp_activation="gelu", parallel_attention_mlp=bool(parallel),
-        parallel_attention_norms=norms, **rope_to_megatron(hf),
-    )
+    return fields_to_megatron(
+        hf, FALCON_FIELDS, **_kv_heads(hf),
+        parallel_attention_mlp=bool(new or hf.get("parallel_attn", True)),
+        parallel_attention_norms=int(hf.get("num_ln_in_parallel_attn") or 2) if new else 1,
+        **rope_to_megatron(hf))
 
 
 def megatron_to_falcon(args: Any) -> HFConfig:
@@ -78,17 +99,10 @@ def megatron_to_falcon(args: Any) -> HFConfig:
     rope = rope_to_hf(args)
     return {
         "architectures": ["FalconForCausalLM"], "model_type": "falcon",
-        "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers,
-        "num_attention_heads": heads, "num_kv_heads": groups,
+        **fields_to_hf(args, FALCON_FIELDS), "num_kv_heads": groups,
         "new_decoder_architecture": new, "multi_query": groups == 1, "parallel_attn": parallel,
-        "num_ln_in_parallel_attn": norms if new else None, "alibi": False,
-        "bias": args.add_bias_linear, "ffn_hidden_size": args.ffn_hidden_size,
-        "activation": "gelu", "layer_norm_epsilon": args.layernorm_epsilon,
-        "max_position_embeddings": args.max_position_embeddings,
+        "num_ln_in_parallel_attn": norms if new else None,
         "rope_parameters": rope, "rope_theta": rope["rope_theta"],
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "vocab_size": args.vocab_size, "attention_dropout": args.attention_dropout,
-        "hidden_dropout": args.hidden_dropout, "initializer_range": args.init_method_std,
     }
 
 

@@ -19,17 +19,21 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
 from megatron_patch.mapping.rules import Direct, Rule, StackedQKV
-from megatron_patch.models.common.decoder_args import (
-    LAYER,
-    decoder_args,
-    direct_rules,
-    field,
-    refuse,
-    replace_rules,
-)
+from megatron_patch.models.common.decoder_args import LAYER, direct_rules, replace_rules
 from megatron_patch.models.common.hf_config import (
+    ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
+    Arg,
+    Field,
+    Fixed,
+    decoder_fields,
+    fields_to_hf,
+    fields_to_megatron,
+    hidden_per_head,
+    key_value_heads,
     llama_style_to_megatron,
     megatron_to_llama_style,
+    require,
     rope_parameters,
 )
 from megatron_patch.models.common.layers import PatchedFamily
@@ -80,54 +84,56 @@ def glm_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]:
     return rules
 
 
+# ChatGLM2/3's rows; multi-query attention and the rotary base are read below.
+CHATGLM_FIELDS = decoder_fields(
+    Fixed("apply_residual_connection_post_layernorm", False, why="residual after the norm"),
+    Fixed("post_layer_norm", True, why="the model has no final norm"),
+    Fixed("rmsnorm", True, why="ChatGLM-6B (v1) LayerNorm models"),
+    Fixed("add_bias_linear", False, why="biases beyond q/k/v"),
+    Field("num_layers", "num_layers", int),
+    Field("hidden_size", "hidden_size", int),
+    Field("ffn_hidden_size", "ffn_hidden_size", int),
+    Field("num_attention_heads", "num_attention_heads", int),
+    Field("kv_channels", "kv_channels", int, default=hidden_per_head),
+    Field("seq_length", "max_position_embeddings", int, default=8192),
+    Arg("normalization", "RMSNorm"),
+    Field("layernorm_epsilon", "layernorm_epsilon", float, default=1e-5),
+    Arg("swiglu", True),
+    Arg("add_bias_linear", False),
+    Field("add_qkv_bias", "add_qkv_bias", bool, default=True),
+    Arg("untie_embeddings_and_output_weights", True),
+    Field("padded_vocab_size", "vocab_size", int),
+    ATTENTION_DROPOUT,
+    HIDDEN_DROPOUT,
+    Arg("init_method_std", 0.02),
+    Arg("position_embedding_type", "rope"),
+    Arg("rotary_percent", 0.5),
+    Arg("rotary_interleaved", True),
+)
+
+
 def chatglm_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for a ChatGLM2/3 (``ChatGLMModel``) ``config.json``."""
-    for name, value, default, why in [
-            ("apply_residual_connection_post_layernorm", True, False, "residual after the norm"),
-            ("post_layer_norm", False, True, "the model has no final norm"),
-            ("rmsnorm", False, True, "ChatGLM-6B (v1) LayerNorm models"),
-            ("add_bias_linear", True, False, "biases beyond q/k/v")]:
-        refuse(hf, name, value, default, why)
     if hf.get("pre_seq_len") is not None:
         raise UnsupportedConfigError("config.json: pre_seq_len is set (a P-tuning prefix "
                                      "encoder); convert the base model")
-    heads = field(hf, "num_attention_heads")
-    groups = field(hf, "multi_query_group_num") if hf.get("multi_query_attention") else heads
-    if hf.get("multi_query_attention") and groups == heads:
+    mqa = hf.get("multi_query_attention")
+    groups = {"num_query_groups": int(require(hf, "multi_query_group_num"))} if mqa else {}
+    base = 10000 * float(hf.get("rope_ratio", 1))
+    args = fields_to_megatron(hf, CHATGLM_FIELDS, **groups,
+                              rotary_base=int(base) if base.is_integer() else base)
+    if mqa and args["num_query_groups"] == args["num_attention_heads"]:
         raise UnsupportedConfigError("config.json: multi_query_attention with "
                                      "multi_query_group_num == num_attention_heads")
-    hidden = field(hf, "hidden_size")
-    head_dim = field(hf, "kv_channels", default=hidden // heads)
-    base = 10000 * float(hf.get("rope_ratio", 1))
-    return decoder_args(
-        layers=field(hf, "num_layers"), hidden=hidden, ffn=field(hf, "ffn_hidden_size"),
-        heads=heads, kv_heads=groups, head_dim=head_dim, vocab=field(hf, "padded_vocab_size"),
-        max_positions=field(hf, "seq_length", default=8192), norm="RMSNorm",
-        eps=field(hf, "layernorm_epsilon", default=1e-5), tied=False, bias=False,
-        qkv_bias=hf.get("add_qkv_bias", True),
-        attention_dropout=field(hf, "attention_dropout", default=0.0),
-        hidden_dropout=field(hf, "hidden_dropout", default=0.0),
-        swiglu=True, position_embedding_type="rope",
-        rotary_base=int(base) if base.is_integer() else base, rotary_percent=0.5,
-        rotary_interleaved=True,
-    )
+    return args
 
 
 def megatron_to_chatglm(args: Any) -> HFConfig:
     """ChatGLM2/3 ``config.json`` fields for Megatron arguments."""
-    heads = args.num_attention_heads
     return {
         "architectures": ["ChatGLMModel"], "model_type": "chatglm",
-        "num_layers": args.num_layers, "hidden_size": args.hidden_size,
-        "ffn_hidden_size": args.ffn_hidden_size, "kv_channels": args.kv_channels,
-        "num_attention_heads": heads, "padded_vocab_size": args.vocab_size,
-        "seq_length": args.max_position_embeddings, "layernorm_epsilon": args.layernorm_epsilon,
-        "multi_query_attention": args.group_query_attention,
-        "multi_query_group_num": args.num_query_groups if args.group_query_attention else heads,
-        "rope_ratio": args.rotary_base / 10000, "add_qkv_bias": args.add_qkv_bias,
-        "add_bias_linear": False, "rmsnorm": True, "post_layer_norm": True,
-        "apply_residual_connection_post_layernorm": False,
-        "attention_dropout": args.attention_dropout, "hidden_dropout": args.hidden_dropout,
+        **fields_to_hf(args, CHATGLM_FIELDS), "multi_query_attention": args.group_query_attention,
+        "multi_query_group_num": key_value_heads(args), "rope_ratio": args.rotary_base / 10000,
         "tie_word_embeddings": False,
     }
 

@@ -18,59 +18,64 @@ from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT,
     WEIGHT_BIAS,
-    decoder_args,
     direct_rules,
-    field,
     output_layer_rules,
     refuse,
 )
-from megatron_patch.models.common.hf_config import _expect
+from megatron_patch.models.common.hf_config import (
+    ATTENTION_DROPOUT,
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    Arg,
+    Field,
+    Fixed,
+    decoder_fields,
+    fields_to_hf,
+    fields_to_megatron,
+)
 from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.opt.sizes import OPT_SIZES
 from megatron_patch.models.registry import register_family
 
 POSITION_OFFSET = 2  # OPTLearnedPositionalEmbedding.offset
 _HF = "model.decoder."
+OPT_FIELDS = decoder_fields(
+    Fixed("do_layer_norm_before", True, why="post-LN layers (OPT-350m)"),
+    Fixed("layer_norm_elementwise_affine", True, why="norms without weights"),
+    Field("num_hidden_layers", "num_layers", int),
+    Field("hidden_size", "hidden_size", int),
+    Field("ffn_dim", "ffn_hidden_size", int),
+    Field("num_attention_heads", "num_attention_heads", int),
+    Field("max_position_embeddings", "max_position_embeddings", int, default=2048),
+    Field("activation_function", "mlp_activation", default="relu", values=("relu", "gelu")),
+    Arg("layernorm_epsilon", 1e-5),
+    Field("enable_bias", "add_bias_linear", bool, default=True),
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    ATTENTION_DROPOUT,
+    Field("dropout", "hidden_dropout", float, default=0.0),
+    Field("init_std", "init_method_std", float, default=0.02),
+    Arg("position_embedding_type", "learned_absolute"),
+    Arg("position_id_offset", POSITION_OFFSET),
+)
 
 
 def opt_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for an OPT / Galactica ``config.json``."""
-    refuse(hf, "do_layer_norm_before", False, True, "post-LN layers (OPT-350m)")
     refuse(hf, "_remove_final_layer_norm", True, False, "no final norm")
-    refuse(hf, "layer_norm_elementwise_affine", False, True, "norms without weights")
-    hidden = field(hf, "hidden_size")
-    if hf.get("word_embed_proj_dim") not in (None, hidden):
+    args = fields_to_megatron(hf, OPT_FIELDS)
+    if hf.get("word_embed_proj_dim") not in (None, args["hidden_size"]):
         raise UnsupportedConfigError(f"config.json: word_embed_proj_dim="
-                                     f"{hf['word_embed_proj_dim']} != hidden_size={hidden} "
-                                     "(projected embeddings, OPT-350m) is not supported")
-    heads = field(hf, "num_attention_heads")
-    activation = _expect(hf, "activation_function", ("relu", "gelu"), "relu")
-    return decoder_args(
-        layers=field(hf, "num_hidden_layers"), hidden=hidden, ffn=field(hf, "ffn_dim"),
-        heads=heads, kv_heads=heads, vocab=field(hf, "vocab_size"),
-        max_positions=field(hf, "max_position_embeddings", default=2048), norm="LayerNorm",
-        eps=1e-5, tied=hf.get("tie_word_embeddings", True), bias=hf.get("enable_bias", True),
-        attention_dropout=field(hf, "attention_dropout", default=0.0),
-        hidden_dropout=field(hf, "dropout", default=0.0),
-        init_std=field(hf, "init_std", default=0.02),
-        position_embedding_type="learned_absolute", position_id_offset=POSITION_OFFSET,
-        mlp_activation=activation,
-    )
+                                     f"{hf['word_embed_proj_dim']} != hidden_size="
+                                     f"{args['hidden_size']} (projected embeddings, OPT-350m) "
+                                     "is not supported")
+    return args
 
 
 def megatron_to_opt(args: Any) -> HFConfig:
     """OPT ``config.json`` fields for Megatron arguments."""
-    return {
-        "architectures": ["OPTForCausalLM"], "model_type": "opt",
-        "hidden_size": args.hidden_size, "word_embed_proj_dim": args.hidden_size,
-        "num_hidden_layers": args.num_layers, "num_attention_heads": args.num_attention_heads,
-        "ffn_dim": args.ffn_hidden_size, "max_position_embeddings": args.max_position_embeddings,
-        "activation_function": args.mlp_activation, "enable_bias": args.add_bias_linear,
-        "do_layer_norm_before": True, "layer_norm_elementwise_affine": True,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "vocab_size": args.vocab_size, "dropout": args.hidden_dropout,
-        "attention_dropout": args.attention_dropout, "init_std": args.init_method_std,
-    }
+    return {"architectures": ["OPTForCausalLM"], "model_type": "opt",
+            **fields_to_hf(args, OPT_FIELDS), "word_embed_proj_dim": args.hidden_size}
 
 
 def opt_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rule]:

@@ -14,19 +14,30 @@ from typing import Any
 
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_patch.mapping.config import HFConfig, MegatronArgs, UnsupportedConfigError
+from megatron_patch.mapping.config import HFConfig, MegatronArgs
 from megatron_patch.mapping.rules import Direct, FusedQKV, Rule
 from megatron_patch.models.common.decoder_args import (
     LAYER,
     WEIGHT,
     WEIGHT_BIAS,
-    decoder_args,
     direct_rules,
-    field,
     output_layer_rules,
     refuse,
 )
 from megatron_patch.models.common.hf_config import (
+    ATTENTION_DROPOUT,
+    GROUP_QUERY_ATTENTION,
+    INITIALIZER_RANGE,
+    KEY_VALUE_HEADS,
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    Arg,
+    Field,
+    Fixed,
+    decoder_fields,
+    fields_to_hf,
+    fields_to_megatron,
+    gpt_ffn_hidden_size,
     megatron_window,
     mistral_window,
     rope_to_hf,
@@ -36,56 +47,52 @@ from megatron_patch.models.common.layers import PatchedFamily
 from megatron_patch.models.registry import register_family
 from megatron_patch.models.starcoder.sizes import STARCODER2_SIZES, STARCODER_SIZES
 
-# HF activation names -> --mlp-activation.
-_ACTIVATIONS = {"gelu_pytorch_tanh": "gelu_tanh", "gelu_new": "gelu_tanh", "gelu": "gelu",
+# HF activation names -> --mlp-activation, and back.
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
                 "relu": "relu"}
 _HF_ACTIVATION = {"gelu_tanh": "gelu_pytorch_tanh", "gelu": "gelu", "relu": "relu"}
 
 
-def _activation(hf: HFConfig, name: str, default: str) -> str:
-    value = hf.get(name) or default
-    if value not in _ACTIVATIONS:
-        raise UnsupportedConfigError(f"config.json: {name}={value!r} is not supported "
-                                     f"(expected one of {sorted(_ACTIVATIONS)})")
-    return _ACTIVATIONS[value]
+def _activation(hf_name: str) -> Field:
+    return Field(hf_name, "mlp_activation", to_hf=_HF_ACTIVATION.__getitem__,
+                 default="gelu_pytorch_tanh", values=_ACTIVATIONS)
+
+
+# GPTBigCode's rows; multi-query attention is read below.
+BIGCODE_FIELDS = decoder_fields(
+    Fixed("scale_attn_weights", True, why="attention scores are always scaled"),
+    Field("n_embd", "hidden_size", int, also=("hidden_size",)),
+    Field("n_layer", "num_layers", int, also=("num_hidden_layers",)),
+    Field("n_head", "num_attention_heads", int, also=("num_attention_heads",)),
+    Field("n_inner", "ffn_hidden_size", int, default=gpt_ffn_hidden_size),
+    Field("n_positions", "max_position_embeddings", int, also=("max_position_embeddings",),
+          default=1024),
+    _activation("activation_function"),
+    Field("layer_norm_epsilon", "layernorm_epsilon", float, default=1e-5),
+    Arg("add_bias_linear", True),
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    INITIALIZER_RANGE,
+    Field("attn_pdrop", "attention_dropout", float, default=0.0),
+    Field("resid_pdrop", "hidden_dropout", float, default=0.0),
+    Arg("position_embedding_type", "learned_absolute"),
+)
 
 
 def bigcode_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for a GPTBigCode ``config.json``."""
-    refuse(hf, "scale_attn_weights", False, True, "attention scores are always scaled")
     refuse(hf, "add_cross_attention", True, False, "decoder-only models only")
-    activation = _activation(hf, "activation_function", "gelu_pytorch_tanh")
-    hidden = field(hf, "n_embd", "hidden_size")
-    heads = field(hf, "n_head", "num_attention_heads")
-    return decoder_args(
-        layers=field(hf, "n_layer", "num_hidden_layers"), hidden=hidden,
-        ffn=field(hf, "n_inner", default=4 * hidden), heads=heads,
-        kv_heads=1 if hf.get("multi_query", True) else heads, vocab=field(hf, "vocab_size"),
-        max_positions=field(hf, "n_positions", "max_position_embeddings", default=1024),
-        norm="LayerNorm", eps=field(hf, "layer_norm_epsilon", default=1e-5),
-        tied=hf.get("tie_word_embeddings", True), bias=True,
-        attention_dropout=field(hf, "attn_pdrop", default=0.0),
-        hidden_dropout=field(hf, "resid_pdrop", default=0.0),
-        init_std=field(hf, "initializer_range", default=0.02),
-        position_embedding_type="learned_absolute", mlp_activation=activation,
-    )
+    mqa = {"num_query_groups": 1} if hf.get("multi_query", True) else {}
+    return fields_to_megatron(hf, BIGCODE_FIELDS, **mqa)
 
 
 def megatron_to_bigcode(args: Any) -> HFConfig:
     """GPTBigCode ``config.json`` fields for Megatron arguments."""
-    dropout = {"attn_pdrop": args.attention_dropout, "resid_pdrop": args.hidden_dropout,
-               "embd_pdrop": args.hidden_dropout}
     return {
         "architectures": ["GPTBigCodeForCausalLM"], "model_type": "gpt_bigcode",
-        "n_embd": args.hidden_size, "n_layer": args.num_layers,
-        "n_head": args.num_attention_heads, "n_inner": args.ffn_hidden_size,
-        "n_positions": args.max_position_embeddings,
+        **fields_to_hf(args, BIGCODE_FIELDS),
         "multi_query": args.group_query_attention and args.num_query_groups == 1,
-        "activation_function": _HF_ACTIVATION[args.mlp_activation],
-        "layer_norm_epsilon": args.layernorm_epsilon,
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "vocab_size": args.vocab_size, "initializer_range": args.init_method_std,
-        "scale_attn_weights": True, **dropout,
+        "embd_pdrop": args.hidden_dropout,
     }
 
 
@@ -106,44 +113,41 @@ def bigcode_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rul
     return rules + output_layer_rules(tie_embeddings)
 
 
+# StarCoder2's rows; the sliding window and rope are read below.
+STARCODER2_FIELDS = decoder_fields(
+    Field("hidden_size", "hidden_size", int),
+    Field("intermediate_size", "ffn_hidden_size", int),
+    Field("num_hidden_layers", "num_layers", int),
+    Field("num_attention_heads", "num_attention_heads", int),
+    KEY_VALUE_HEADS,
+    GROUP_QUERY_ATTENTION,
+    _activation("hidden_act"),
+    Field("max_position_embeddings", "max_position_embeddings", int, default=4096),
+    Field("norm_epsilon", "layernorm_epsilon", float, default=1e-5),
+    Field("use_bias", "add_bias_linear", bool, default=True),
+    TIED_EMBEDDINGS,
+    VOCAB_SIZE,
+    ATTENTION_DROPOUT,
+    Field("residual_dropout", "hidden_dropout", float, default=0.0),
+    INITIALIZER_RANGE,
+)
+
+
 def starcoder2_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for a StarCoder2 ``config.json``."""
-    hidden = field(hf, "hidden_size")
-    heads = field(hf, "num_attention_heads")
     window = mistral_window(hf)
-    return decoder_args(
-        layers=field(hf, "num_hidden_layers"), hidden=hidden,
-        ffn=field(hf, "intermediate_size"), heads=heads,
-        kv_heads=field(hf, "num_key_value_heads", default=heads), vocab=field(hf, "vocab_size"),
-        max_positions=field(hf, "max_position_embeddings", default=4096), norm="LayerNorm",
-        eps=field(hf, "norm_epsilon", default=1e-5),
-        tied=hf.get("tie_word_embeddings", True), bias=hf.get("use_bias", True),
-        attention_dropout=field(hf, "attention_dropout", default=0.0),
-        hidden_dropout=field(hf, "residual_dropout", default=0.0),
-        init_std=field(hf, "initializer_range", default=0.02),
-        mlp_activation=_activation(hf, "hidden_act", "gelu_pytorch_tanh"),
-        window_size=None if window is None else (window - 1, 0), **rope_to_megatron(hf),
-    )
+    return {**fields_to_megatron(hf, STARCODER2_FIELDS),
+            "window_size": None if window is None else (window - 1, 0), **rope_to_megatron(hf)}
 
 
 def megatron_to_starcoder2(args: Any) -> HFConfig:
     """StarCoder2 ``config.json`` fields for Megatron arguments."""
-    heads = args.num_attention_heads
     rope = rope_to_hf(args)
     return {
         "architectures": ["Starcoder2ForCausalLM"], "model_type": "starcoder2",
-        "hidden_size": args.hidden_size, "intermediate_size": args.ffn_hidden_size,
-        "num_hidden_layers": args.num_layers, "num_attention_heads": heads,
-        "num_key_value_heads": args.num_query_groups if args.group_query_attention else heads,
-        "hidden_act": _HF_ACTIVATION[args.mlp_activation],
-        "max_position_embeddings": args.max_position_embeddings,
-        "norm_epsilon": args.layernorm_epsilon, "use_bias": args.add_bias_linear,
-        "sliding_window": megatron_window(args), "rope_parameters": rope,
-        "rope_theta": rope["rope_theta"],
-        "tie_word_embeddings": not args.untie_embeddings_and_output_weights,
-        "vocab_size": args.vocab_size, "attention_dropout": args.attention_dropout,
-        "residual_dropout": args.hidden_dropout, "embedding_dropout": args.hidden_dropout,
-        "initializer_range": args.init_method_std,
+        **fields_to_hf(args, STARCODER2_FIELDS), "sliding_window": megatron_window(args),
+        "rope_parameters": rope, "rope_theta": rope["rope_theta"],
+        "embedding_dropout": args.hidden_dropout,
     }
 
 
