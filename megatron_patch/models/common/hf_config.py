@@ -165,10 +165,14 @@ class Field:
     also: tuple[str, ...] = ()
     values: Collection[Any] | None = None
 
+    def _given(self, hf: HFConfig) -> Any:
+        """The first of the field's spellings that ``hf`` sets (None: none is set)."""
+        return next((hf[name] for name in (self.hf, *self.also) if hf.get(name) is not None),
+                    None)
+
     def read(self, hf: HFConfig, args: MegatronArgs) -> Any:
         """The argument's value for ``hf`` (``args``: the values of the rows above)."""
-        value = next((hf[name] for name in (self.hf, *self.also) if hf.get(name) is not None),
-                     None)
+        value = self._given(hf)
         if self.default is REQUIRED and value is None:
             value = require(hf, self.hf)
         elif isinstance(self.default, bool) and value is None:
@@ -182,6 +186,13 @@ class Field:
             if isinstance(self.values, Mapping):
                 value = self.values[value]
         return self.to_megatron(value) if self.to_megatron else value
+
+    def check(self, hf: HFConfig) -> None:
+        """Refuse an unsupported value of the field where ``hf`` sets it (before any other
+        field is read, so the refusal names it even in a config that lacks others)."""
+        value = self._given(hf)
+        if self.values is not None and value is not None:
+            _expect(hf, self.hf, tuple(self.values), value)
 
     def write(self, args: Any) -> Any:
         """The field's value for Megatron arguments ``args`` (a namespace)."""
@@ -230,7 +241,7 @@ def fields_to_megatron(hf: HFConfig, table: Iterable[Row], **own: Any) -> Megatr
     """
     table = tuple(table)
     for row in table:
-        if isinstance(row, Fixed):
+        if isinstance(row, Fixed | Field):
             row.check(hf)
     args: MegatronArgs = {}
     for row in table:

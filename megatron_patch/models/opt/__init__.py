@@ -63,13 +63,12 @@ OPT_FIELDS = decoder_fields(
 def opt_to_megatron(hf: HFConfig) -> MegatronArgs:
     """Megatron arguments for an OPT / Galactica ``config.json``."""
     refuse(hf, "_remove_final_layer_norm", True, False, "no final norm")
-    args = fields_to_megatron(hf, OPT_FIELDS)
-    if hf.get("word_embed_proj_dim") not in (None, args["hidden_size"]):
+    if hf.get("word_embed_proj_dim") not in (None, hf.get("hidden_size")):
         raise UnsupportedConfigError(f"config.json: word_embed_proj_dim="
                                      f"{hf['word_embed_proj_dim']} != hidden_size="
-                                     f"{args['hidden_size']} (projected embeddings, OPT-350m) "
+                                     f"{hf.get('hidden_size')} (projected embeddings, OPT-350m) "
                                      "is not supported")
-    return args
+    return fields_to_megatron(hf, OPT_FIELDS)
 
 
 def megatron_to_opt(args: Any) -> HFConfig:

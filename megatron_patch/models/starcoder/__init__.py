@@ -116,9 +116,9 @@ def bigcode_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rul
 # StarCoder2's rows; the sliding window and rope are read below.
 STARCODER2_FIELDS = decoder_fields(
     Field("hidden_size", "hidden_size", int),
+    Field("num_attention_heads", "num_attention_heads", int),
     Field("intermediate_size", "ffn_hidden_size", int),
     Field("num_hidden_layers", "num_layers", int),
-    Field("num_attention_heads", "num_attention_heads", int),
     KEY_VALUE_HEADS,
     GROUP_QUERY_ATTENTION,
     _activation("hidden_act"),
