@@ -301,6 +301,10 @@ GROUP_QUERY_ATTENTION = Arg("group_query_attention",
                             lambda a: a["num_query_groups"] != a["num_attention_heads"])
 KEY_VALUE_HEADS = Field("num_key_value_heads", "num_query_groups", int, default=_query_heads,
                         from_args=key_value_heads)
+NUM_LAYERS = Field("num_hidden_layers", "num_layers", int)
+HIDDEN_SIZE = Field("hidden_size", "hidden_size", int)
+FFN_HIDDEN_SIZE = Field("intermediate_size", "ffn_hidden_size", int)
+ATTENTION_HEADS = Field("num_attention_heads", "num_attention_heads", int)
 VOCAB_SIZE = Field("vocab_size", "vocab_size", int)
 ATTENTION_DROPOUT = Field("attention_dropout", "attention_dropout", float, default=0.0)
 HIDDEN_DROPOUT = Field("hidden_dropout", "hidden_dropout", float, default=0.0)
@@ -311,10 +315,10 @@ TIED_EMBEDDINGS = Field("tie_word_embeddings", "untie_embeddings_and_output_weig
 # The llama-style decoder, in the order of Megatron's flags. Family switches (q/k/v bias, q/k
 # norm) override their Arg rows; rope and the sliding window are mapped by the code below.
 LLAMA_STYLE_FIELDS: tuple[Row, ...] = (
-    Field("num_hidden_layers", "num_layers", int),
-    Field("hidden_size", "hidden_size", int),
-    Field("intermediate_size", "ffn_hidden_size", int),
-    Field("num_attention_heads", "num_attention_heads", int),
+    NUM_LAYERS,
+    HIDDEN_SIZE,
+    FFN_HIDDEN_SIZE,
+    ATTENTION_HEADS,
     GROUP_QUERY_ATTENTION,
     KEY_VALUE_HEADS,
     Field("head_dim", "kv_channels", int, default=hidden_per_head),

@@ -29,6 +29,7 @@ from megatron_patch.models.common.decoder_args import (
 from megatron_patch.models.common.hf_config import (
     ATTENTION_DROPOUT,
     HIDDEN_DROPOUT,
+    HIDDEN_SIZE,
     INITIALIZER_RANGE,
     TIED_EMBEDDINGS,
     VOCAB_SIZE,
@@ -51,7 +52,7 @@ FALCON_FIELDS = decoder_fields(
     Fixed("alibi", False, why="Falcon-RW's ALiBi is scaled with the attention scores"),
     Fixed("activation", "gelu"),
     Field("num_hidden_layers", "num_layers", int, also=("n_layer",)),
-    Field("hidden_size", "hidden_size", int),
+    HIDDEN_SIZE,
     Field("ffn_hidden_size", "ffn_hidden_size", int, default=gpt_ffn_hidden_size),
     Field("num_attention_heads", "num_attention_heads", int, also=("n_head",)),
     Field("max_position_embeddings", "max_position_embeddings", int, default=2048),

@@ -22,7 +22,9 @@ from megatron_patch.mapping.rules import Direct, Rule, StackedQKV
 from megatron_patch.models.common.decoder_args import LAYER, direct_rules, replace_rules
 from megatron_patch.models.common.hf_config import (
     ATTENTION_DROPOUT,
+    ATTENTION_HEADS,
     HIDDEN_DROPOUT,
+    HIDDEN_SIZE,
     Arg,
     Field,
     Fixed,
@@ -91,9 +93,9 @@ CHATGLM_FIELDS = decoder_fields(
     Fixed("rmsnorm", True, why="ChatGLM-6B (v1) LayerNorm models"),
     Fixed("add_bias_linear", False, why="biases beyond q/k/v"),
     Field("num_layers", "num_layers", int),
-    Field("hidden_size", "hidden_size", int),
+    HIDDEN_SIZE,
     Field("ffn_hidden_size", "ffn_hidden_size", int),
-    Field("num_attention_heads", "num_attention_heads", int),
+    ATTENTION_HEADS,
     Field("kv_channels", "kv_channels", int, default=hidden_per_head),
     Field("seq_length", "max_position_embeddings", int, default=8192),
     Arg("normalization", "RMSNorm"),

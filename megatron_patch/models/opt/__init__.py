@@ -24,6 +24,9 @@ from megatron_patch.models.common.decoder_args import (
 )
 from megatron_patch.models.common.hf_config import (
     ATTENTION_DROPOUT,
+    ATTENTION_HEADS,
+    HIDDEN_SIZE,
+    NUM_LAYERS,
     TIED_EMBEDDINGS,
     VOCAB_SIZE,
     Arg,
@@ -42,10 +45,10 @@ _HF = "model.decoder."
 OPT_FIELDS = decoder_fields(
     Fixed("do_layer_norm_before", True, why="post-LN layers (OPT-350m)"),
     Fixed("layer_norm_elementwise_affine", True, why="norms without weights"),
-    Field("num_hidden_layers", "num_layers", int),
-    Field("hidden_size", "hidden_size", int),
+    NUM_LAYERS,
+    HIDDEN_SIZE,
     Field("ffn_dim", "ffn_hidden_size", int),
-    Field("num_attention_heads", "num_attention_heads", int),
+    ATTENTION_HEADS,
     Field("max_position_embeddings", "max_position_embeddings", int, default=2048),
     Field("activation_function", "mlp_activation", default="relu", values=("relu", "gelu")),
     Arg("layernorm_epsilon", 1e-5),

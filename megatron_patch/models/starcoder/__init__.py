@@ -26,9 +26,13 @@ from megatron_patch.models.common.decoder_args import (
 )
 from megatron_patch.models.common.hf_config import (
     ATTENTION_DROPOUT,
+    ATTENTION_HEADS,
+    FFN_HIDDEN_SIZE,
     GROUP_QUERY_ATTENTION,
+    HIDDEN_SIZE,
     INITIALIZER_RANGE,
     KEY_VALUE_HEADS,
+    NUM_LAYERS,
     TIED_EMBEDDINGS,
     VOCAB_SIZE,
     Arg,
@@ -115,10 +119,10 @@ def bigcode_mapping(config: TransformerConfig, tie_embeddings: bool) -> list[Rul
 
 # StarCoder2's rows; the sliding window and rope are read below.
 STARCODER2_FIELDS = decoder_fields(
-    Field("hidden_size", "hidden_size", int),
-    Field("num_attention_heads", "num_attention_heads", int),
-    Field("intermediate_size", "ffn_hidden_size", int),
-    Field("num_hidden_layers", "num_layers", int),
+    HIDDEN_SIZE,
+    ATTENTION_HEADS,
+    FFN_HIDDEN_SIZE,
+    NUM_LAYERS,
     KEY_VALUE_HEADS,
     GROUP_QUERY_ATTENTION,
     _activation("hidden_act"),
