@@ -16,6 +16,10 @@ logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 
+from megatron_patch.runtime.one_cudnn import share_torch_cudnn_with_transformer_engine  # noqa: E402
+
+share_torch_cudnn_with_transformer_engine()  # before Megatron-Core imports Transformer Engine
+
 from megatron_patch.models.registry import get_family, registered_families  # noqa: E402
 
 __all__ = ["__version__", "get_family", "registered_families"]

@@ -2,11 +2,16 @@
 
 Each case is one failure of the first GPU run with TE 2.18 (no apex, no flash-attn): Megatron's
 own linears lost the gradient-accumulation kernel, ``FL=true`` asked TE for flash-attn, TE's
-gradient norm (a tensor) broke the log line, and TE's fused-norm parameters were initialised as
-weights instead of ones.
+gradient norm (a tensor) broke the log line, TE's fused-norm parameters were initialised as
+weights instead of ones, and TE loaded a second cuDNN beside torch's.
 """
 
 from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,7 +21,7 @@ from megatron_patch.arguments import parse_training_args
 from megatron_patch.launch.command import compose
 from megatron_patch.launch.settings import RunSettings
 from megatron_patch.models import init
-from megatron_patch.runtime import gpu_fast_paths
+from megatron_patch.runtime import gpu_fast_paths, one_cudnn
 from megatron_patch.runtime.backends import Backends, flash_attention_backend
 from megatron_patch.training.loop import as_float
 from tests.launch import MOCK_DATA, TINY_MODEL
@@ -133,3 +138,46 @@ def test_fp32_comparisons_restart_with_tf32_off_on_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # CPU: nothing to do
     exact_fp32.restart_with_exact_fp32("verify", argv)
     assert calls == []
+
+
+ONE_CUDNN = Path(__file__).resolve().parents[1] / "megatron_patch/runtime/one_cudnn.py"
+RUN_ONE_CUDNN = """
+import importlib.util, os, sys
+spec = importlib.util.spec_from_file_location("one_cudnn", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.share_torch_cudnn_with_transformer_engine()
+print(os.environ.get("CUDNN_HOME"))
+"""
+
+
+def _torch_cudnn_directory() -> str | None:
+    maps = Path("/proc/self/maps").read_text() if Path("/proc/self/maps").exists() else ""
+    return one_cudnn.loaded_cudnn_directory(maps)
+
+
+def test_cudnn_library_is_found_in_a_process_memory_map():
+    maps = ("7f00-7f10 r-xp 00000000 08:01 42    /venv/nvidia/cudnn/lib/libcudnn_graph.so.9\n"
+            "7f10-7f20 r--p 00000000 00:00 0 \n"
+            "7f20-7f30 r-xp 00000000 08:01 43    /venv/nvidia/cudnn/lib/libcudnn.so.9\n")
+    assert one_cudnn.loaded_cudnn_directory(maps) == "/venv/nvidia/cudnn/lib"
+    assert one_cudnn.loaded_cudnn_directory(maps.splitlines()[1]) is None
+    assert one_cudnn.cudnn_home_for_transformer_engine(maps, {"CUDNN_PATH": "/opt/cudnn"}) is None
+    assert one_cudnn.cudnn_home_for_transformer_engine(maps, {}) == "/venv/nvidia/cudnn/lib"
+
+
+@pytest.mark.skipif(_torch_cudnn_directory() is None, reason="this torch build loads no cuDNN")
+@pytest.mark.parametrize("user_choice", [None, "/opt/cudnn"])
+def test_transformer_engine_is_pointed_at_torchs_cudnn(user_choice, tmp_path):
+    """With TE importable (a stand-in package), its cuDNN search starts at torch's copy."""
+    (tmp_path / "transformer_engine").mkdir()
+    (tmp_path / "transformer_engine/__init__.py").write_text("")
+    env = {k: v for k, v in os.environ.items() if k not in one_cudnn.USER_CHOICES}
+    env["PYTHONPATH"] = str(tmp_path)
+    if user_choice:
+        env["CUDNN_PATH"] = user_choice
+    out = subprocess.run([sys.executable, "-c", RUN_ONE_CUDNN, str(ONE_CUDNN)], env=env,
+                         capture_output=True, text=True, check=True).stdout.split()[-1]
+    directory = _torch_cudnn_directory()
+    assert out == ("None" if user_choice else directory)
+    assert user_choice or any(p.name.startswith("libcudnn.so") for p in Path(directory).iterdir())

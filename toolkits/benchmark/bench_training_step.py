@@ -44,6 +44,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+import megatron_patch  # noqa: F401  (first: Transformer Engine shares torch's cuDNN, runtime.one_cudnn)
+
 if TYPE_CHECKING:
     from torchtitan.models.llama3 import Llama3Model
 
