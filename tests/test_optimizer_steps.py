@@ -1,6 +1,8 @@
 """Adam's step count loads across optimizer implementations (torch per parameter, fused Adam
 per group): GPU, a LLaVA checkpoint written with Transformer Engine (its FusedAdam) failed to
-resume on the torch-native path with ``KeyError: 'step'``."""
+resume on the torch-native path with ``KeyError: 'step'``, one written without TE failed to
+resume with it (``KeyError: 'bias_correction'``), and without TE the distributed optimizer
+could not resume at all (tests/test_resume.py)."""
 
 from __future__ import annotations
 
@@ -11,16 +13,18 @@ import torch
 
 from megatron_patch.training.optimizer_steps import (
     keeps_step_per_parameter,
+    start_adam_state,
     step_convention_loading,
     with_step_convention,
 )
 
 
 class GroupStepAdam(torch.optim.Optimizer):
-    """Keeps the step in the group, like Transformer Engine's and apex's FusedAdam."""
+    """Keeps the step in the group, like Transformer Engine's and apex's FusedAdam, and a
+    hyper-parameter torch's Adam does not have."""
 
     def __init__(self, params):
-        super().__init__(params, {"lr": 0.1})
+        super().__init__(params, {"lr": 0.1, "bias_correction": True})
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -66,6 +70,33 @@ def test_torch_adamw_checkpoint_resumes_into_group_step_adam():
         fresh.load_state_dict(copy.deepcopy(saved))
     assert [g["step"] for g in fresh.param_groups] == [3]
     assert all("step" not in s for s in fresh.state.values())
+    assert fresh.param_groups[0]["bias_correction"] is True  # its own, not lost to the load
+
+
+def test_started_adam_state_steps_like_a_fresh_adam():
+    """The state given before a load is the one Adam's first step creates: same update."""
+    results = []
+    for start in (False, True):
+        param = torch.nn.Parameter(torch.arange(4.0))
+        optimizer = torch.optim.AdamW([param], lr=0.1)
+        if start:
+            start_adam_state(optimizer)
+            assert float(optimizer.state[param]["step"]) == 0.0
+        param.grad = torch.tensor([1.0, -2.0, 3.0, 0.5])
+        optimizer.step()
+        results.append(param.detach().clone())
+    assert torch.equal(*results)
+
+
+def test_loaded_group_step_reaches_every_parameter_state():
+    """Megatron's distributed optimizer (torch Adam) loads the step into the groups and then
+    copies its template's step back into the states: the groups' count wins, one tensor each."""
+    optimizer = _trained(torch.optim.AdamW, steps=0)
+    with step_convention_loading(Wrapped(optimizer)):
+        for group in optimizer.param_groups:
+            group["step"] = 3.0  # what the loaded groups carry
+    steps = [s["step"] for s in optimizer.state.values()]
+    assert [float(s) for s in steps] == [3.0, 3.0] and steps[0] is not steps[1]
 
 
 def test_same_convention_is_unchanged():

@@ -142,3 +142,41 @@ def test_compiled_layers_run_packed_batches_eagerly(monkeypatch):
     calls.clear()
     layer(hidden_states=x, packed_seq_params=object())
     assert calls == ["eager"]
+
+
+def test_compiled_layers_run_a_mixture_of_experts_mlp_eagerly(monkeypatch):
+    """GPU: Megatron's MoE token dispatcher calls ``record_stream`` inside the layer, which
+    torch.compile cannot functionalize (MoE training failed at its first step); the MoE MLP
+    runs eagerly, the rest of the layer stays compiled."""
+    from megatron.core.transformer import transformer_layer
+    from megatron.core.transformer.moe import moe_layer
+
+    from megatron_patch.runtime import gpu_fast_paths
+
+    compiling = {}
+
+    class MLP(torch.nn.Module):
+        def forward(self, hidden_states):
+            compiling[type(self).__name__] = torch.compiler.is_compiling()
+            return hidden_states * 2
+
+    class MoE(MLP):
+        pass
+
+    class Layer(torch.nn.Module):
+        def __init__(self, mlp):
+            super().__init__()
+            self.mlp = mlp
+
+        def forward(self, hidden_states, packed_seq_params=None):
+            compiling["layer"] = torch.compiler.is_compiling()
+            return self.mlp(hidden_states + 1)
+
+    monkeypatch.setattr(transformer_layer, "TransformerLayer", Layer)
+    monkeypatch.setattr(moe_layer, "MoELayer", MoE)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = torch.nn.Sequential(Layer(MLP()), Layer(MoE()))
+    assert gpu_fast_paths.compile_transformer_layers(model) == 2
+    torch._dynamo.reset()
+    assert torch.equal(model(torch.ones(3)), torch.full((3,), 10.0))
+    assert compiling == {"layer": True, "MLP": True, "MoE": False}

@@ -179,12 +179,17 @@ def compile_transformer_layers(model: torch.nn.Module) -> int:
     their backward sets attributes on the parameters, which the compiler cannot capture.
     Packed (THD) batches run the layer eagerly: their sequence boundaries change every batch and
     Megatron's THD rotary embedding reads them with ``.item()``, so each batch would recompile.
-    Returns the layer count.
+    A mixture-of-experts MLP runs eagerly too (its experts are grouped GEMMs either way): its
+    token dispatcher copies the per-expert token counts to the host on a side stream
+    (``record_stream``), which the compiler cannot capture. Returns the layer count.
     """
+    from megatron.core.transformer.moe.moe_layer import MoELayer
     from megatron.core.transformer.transformer_layer import TransformerLayer
 
     layers = [m for m in model.modules() if isinstance(m, TransformerLayer)]
     for layer in layers:
+        if isinstance(getattr(layer, "mlp", None), MoELayer):
+            layer.mlp.forward = torch.compiler.disable(layer.mlp.forward)
         for linear in layer.modules():
             # Megatron's own linear (not one whose forward float8 training replaced)
             if (getattr(linear, "gradient_accumulation_fusion", False)

@@ -459,8 +459,10 @@ def load_megatron_checkpoint(model: list[torch.nn.Module], optimizer, scheduler,
         if text is not None:
             original(text, *args, **print_kwargs)
 
+    # no_grad: the distributed optimizer copies loaded values into fp32 main parameters that
+    # are views of the model's own (fp32 training), which autograd refuses outside it
     with (warnings.catch_warnings(), layout_independent_loading(model, directory),
-          step_convention_loading(optimizer)):
+          step_convention_loading(optimizer), torch.no_grad()):
         for notice in _TORCH_LOAD_NOTICES:
             warnings.filterwarnings("ignore", message=notice)
         if args.finetune:

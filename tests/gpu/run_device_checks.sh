@@ -5,7 +5,8 @@
 #   tests:    the CUDA-only unit tests;
 #   fidelity: 300-step bf16 and fp8 loss curves of the 1.1B shape on the shipped corpus per
 #             configuration (fp8_loss_parity), and the bf16 curves of "te" and "torch" compared
-#             step by step (within 1% after step 50);
+#             step by step (within 1% after step 50), beside each configuration's bf16 curve
+#             against a rerun of itself (the noise floor; FIDELITY_RERUN=0 skips the reruns);
 #   bench:    full training step against HF transformers + torch.compile (1.1B shape, bf16, fp8);
 #   moe, generation, grpo: the MoE, generation and GRPO benchmarks.
 # Wheels in .whl/ (megatron-core, torchao, and Transformer Engine with its pydantic needs) are
@@ -62,6 +63,11 @@ for c in $CONFIGS; do
       --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --curves "$RESULTS/curves_$c.json" \
       $([[ "${FIDELITY_FP8:-1}" == 0 ]] && echo --no-fp8) 2>&1 \
       | tee "$RESULTS/fp8_loss_parity_$c.txt" | tail -22
+    if [[ "${FIDELITY_RERUN:-1}" == 1 ]]; then  # the same bf16 run again: the noise floor
+      with "$c" python3 -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" \
+        --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --no-fp8 \
+        --curves "$RESULTS/curves_${c}_rerun.json" 2>&1 | tail -1
+    fi
   fi
   if wanted bench; then
     echo "== [$c] training step vs HF + torch.compile"
@@ -84,8 +90,13 @@ for c in $CONFIGS; do
       | tee "$RESULTS/bench_grpo_$c.txt" | tail -4
   fi
 done
-if wanted fidelity && [[ -f "$RESULTS/curves_te.json" && -f "$RESULTS/curves_torch.json" ]]; then
-  echo "== bf16 with Transformer Engine against bf16 without it, step by step"
-  with torch python3 -m toolkits.benchmark.fp8_loss_parity --compare "$RESULTS/curves_te.json" \
-    "$RESULTS/curves_torch.json" --after 50 2>&1 | tee "$RESULTS/te_vs_torch.txt"
+compare_curves() {  # compare_curves A B TITLE: the bf16 curves of two runs, step by step
+  [[ -f "$RESULTS/curves_$1.json" && -f "$RESULTS/curves_$2.json" ]] || return 0
+  echo "== $3"
+  with "${CONFIGS%% *}" python3 -m toolkits.benchmark.fp8_loss_parity \
+    --compare "$RESULTS/curves_$1.json" "$RESULTS/curves_$2.json" --after 50 2>&1 | tee "$RESULTS/$1_vs_$2.txt"
+}
+if wanted fidelity; then
+  compare_curves te torch "bf16 with Transformer Engine against bf16 without it"
+  for c in $CONFIGS; do compare_curves "$c" "${c}_rerun" "[$c] bf16 against a rerun of it"; done
 fi
