@@ -20,7 +20,7 @@ from megatron_patch.conversion.lora_peft import (
     read_peft_adapter,
     split_expert_lora,
 )
-from megatron_patch.models.common.lora import A_NAME, B_NAME
+from megatron_patch.models.common.lora import A_NAME, B_NAME, low_rank_update
 from megatron_patch.utils.files import atomic_directory
 
 
@@ -35,14 +35,14 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
         for target in targets:
             a, b = split_expert_lora(*(tensors.pop(expert_peft_key(module, target, targets, m))
                                        for m in ("lora_A", "lora_B")), settings.rank)
-            deltas[f"{module}.{EXPERT_PARAMETERS[target]}"] = \
-                settings.scaling * (b.double() @ a.double()).float()
+            deltas[f"{module}.{EXPERT_PARAMETERS[target]}"] = low_rank_update(a, b, None,
+                                                                              settings)
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
         b = tensors[key.replace(".lora_A.", ".lora_B.")]
         module = key.removeprefix(PEFT_PREFIX).rsplit(".lora_A.", 1)[0]
-        deltas[f"{module}.weight"] = settings.scaling * (b.double() @ a.double()).float()
+        deltas[f"{module}.weight"] = low_rank_update(a, b, None, settings)
     return deltas
 
 

@@ -258,8 +258,9 @@ def parts_of_rows(rule, layer, config, rows: int) -> torch.Tensor | None:
 def low_rank_update(a: torch.Tensor, b: torch.Tensor, parts: torch.Tensor | None,
                     settings: LoraSettings) -> torch.Tensor:
     """``alpha / r * B A`` of one adapter's unsharded A and B in the base weight's row layout
-    (fp32, computed in float64); with ``parts`` (:func:`parts_of_rows`) each row of B multiplies
-    its projection's block of A, as :class:`LoraAdapter` does."""
+    (fp32, computed in float64; stacked experts' ``[E, ...]`` batched); with ``parts``
+    (:func:`parts_of_rows`) each row of B multiplies its projection's block of A, as
+    :class:`LoraAdapter` does."""
     a, b = a.double(), b.double()
     if parts is None:
         update = b @ a
