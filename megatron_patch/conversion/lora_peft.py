@@ -27,6 +27,8 @@ import json
 import logging
 import re
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -47,6 +49,7 @@ from megatron_patch.models.common.lora import (
     LoraSettings,
     apply_lora,
     is_adapter_name,
+    low_rank_update,
     parts_of_rows,
     settings_from_args,
 )
@@ -71,7 +74,7 @@ def _peft_key(hf_weight: str, matrix: str) -> str:
     return f"{PEFT_PREFIX}{hf_weight.removesuffix('.weight')}.{matrix}.weight"
 
 
-def _expert_peft_key(module: str, target: str, targets: set[str], matrix: str) -> str:
+def expert_peft_key(module: str, target: str, targets: set[str], matrix: str) -> str:
     """PEFT's tensor name of ``lora_A``/``lora_B`` of the experts parameter of ``target`` in
     the HF experts ``module`` when ``targets`` are adapted there (nested wrappers)."""
     order = [name for name in EXPERT_PARAMETERS if name in targets]
@@ -82,6 +85,15 @@ def _expert_peft_key(module: str, target: str, targets: set[str], matrix: str) -
 def _target_parameter(module: str, target: str) -> str:
     """``target_parameters`` entry of an experts parameter (``mlp.experts.gate_up_proj``)."""
     return f"{_LAYER_PREFIX.sub('', module)}.{EXPERT_PARAMETERS[target]}"
+
+
+def split_expert_lora(a: torch.Tensor, b: torch.Tensor, rank: int
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-expert A ``[E, r, in]`` and B ``[E, out, r]`` of PEFT's ``lora_A`` ``[E*r, in]`` and
+    ``lora_B`` ``[out, r*E]`` of one experts parameter (expert e's column j of B at ``j*E+e``)."""
+    count = a.shape[0] // rank
+    return (a.reshape(count, rank, a.shape[1]),
+            b.reshape(b.shape[0], rank, count).permute(2, 0, 1))
 
 
 class AdapterLayout:
@@ -118,6 +130,19 @@ class AdapterLayout:
             tensors[_peft_key(hf_name, "lora_A")] = a_parts[hf_name].contiguous()
             tensors[_peft_key(hf_name, "lora_B")] = b_parts[hf_name].contiguous()
         return tensors
+
+    def hf_delta(self, linear: str, a: torch.Tensor, b: torch.Tensor
+                 ) -> dict[str, torch.Tensor]:
+        """HF tensor name -> the update ``alpha / r * B A`` (fp32) of one adapted Megatron
+        linear (a routed expert's: its on-disk per-expert tensors) from its unsharded A and B."""
+        rule, layer = rule_for(self.rules, f"{linear}.weight")
+        config = self.layout.config
+        # a routed expert's fused gate/up has one A (see apply_lora)
+        parts = (None if expert_index(linear) is not None
+                 else parts_of_rows(rule, layer, config, b.shape[0]))
+        update = low_rank_update(a, b, parts, self.settings)
+        return {name: tensor.contiguous()
+                for name, tensor in rule.to_hf(update, layer, config).items()}
 
     def megatron_tensors(self, linear: str, peft: dict[str, torch.Tensor]
                          ) -> dict[str, torch.Tensor]:
@@ -158,8 +183,8 @@ class AdapterLayout:
         a = torch.cat([loaded[f"{linear}.{A_NAME}"] for linear in linears])
         b = torch.stack([self._hf_rows(linear, loaded[f"{linear}.{B_NAME}"])
                          for linear in linears], dim=-1)
-        return {_expert_peft_key(module, target, targets, "lora_A"): a.contiguous(),
-                _expert_peft_key(module, target, targets, "lora_B"):
+        return {expert_peft_key(module, target, targets, "lora_A"): a.contiguous(),
+                expert_peft_key(module, target, targets, "lora_B"):
                     b.reshape(b.shape[0], -1).contiguous()}
 
     def megatron_expert_tensors(self, module: str, target: str, targets: set[str],
@@ -170,7 +195,7 @@ class AdapterLayout:
         shapes = {name: tuple(self.layout.parameters[f"{linears[0]}.{name}"].shape)
                   for name in (A_NAME, B_NAME)}
         count, (rows, in_features) = len(linears), (shapes[B_NAME][0], shapes[A_NAME][1])
-        keys = [_expert_peft_key(module, target, targets, m) for m in ("lora_A", "lora_B")]
+        keys = [expert_peft_key(module, target, targets, m) for m in ("lora_A", "lora_B")]
         expected = {keys[0]: (count * rank, in_features), keys[1]: (rows, rank * count)}
         tensors = {key: peft.get(key, torch.zeros(shape)) for key, shape in expected.items()}
         for key, shape in expected.items():
@@ -178,14 +203,13 @@ class AdapterLayout:
                 raise ConversionError(f"{key}: shape {tuple(tensors[key].shape)}, the model "
                                       f"expects {shape} ({count} experts; rank and base model "
                                       "must match)")
-        a = tensors[keys[0]].reshape(count, rank, in_features)
-        b = tensors[keys[1]].reshape(rows, rank, count)
+        a, b = split_expert_lora(tensors[keys[0]], tensors[keys[1]], rank)
         config, result = self.layout.config, {}
         for expert, linear in enumerate(linears):
             rule, layer = rule_for(self.rules, f"{linear}.weight")
             parts = parts_of_rows(rule, layer, config, rows)
             sizes = [rows] if parts is None else torch.bincount(parts).tolist()
-            hf = dict(zip(rule.hf_names(layer), b[:, :, expert].split(sizes)))
+            hf = dict(zip(rule.hf_names(layer), b[expert].split(sizes)))
             result[f"{linear}.{A_NAME}"] = a[expert]
             result[f"{linear}.{B_NAME}"] = rule.to_megatron(hf, layer, config)[f"{linear}.weight"]
         return result
@@ -197,8 +221,9 @@ def _check_shape(hf_name: str, matrix: str, tensor: torch.Tensor, shape: tuple) 
                               f"model expects {tuple(shape)} (rank and base model must match)")
 
 
-def _adapter_checkpoint(load: Path) -> TorchDistCheckpoint:
-    checkpoint = TorchDistCheckpoint(checkpoint_directory(load))
+def adapter_checkpoint(load: str | Path) -> TorchDistCheckpoint:
+    """The adapters-only checkpoint ``load`` (its latest iteration); refused without LoRA."""
+    checkpoint = TorchDistCheckpoint(checkpoint_directory(Path(load)))
     if checkpoint.args is None or settings_from_args(checkpoint.args) is None:
         raise ConversionError(f"{load}: not a LoRA checkpoint (its saved arguments have no "
                               "--lora-rank); train with --lora-rank R, or import a PEFT adapter "
@@ -210,30 +235,47 @@ def _alpha_value(alpha: float) -> int | float:
     return int(alpha) if float(alpha).is_integer() else alpha
 
 
+AdapterReader = Callable[[list[str]], dict[str, torch.Tensor]]
+
+
+@contextmanager
+def opened_adapters(checkpoint: TorchDistCheckpoint, scratch: Path
+                    ) -> Iterator[tuple[AdapterLayout, AdapterReader]]:
+    """The adapter layout of a LoRA ``checkpoint`` (:func:`adapter_checkpoint`) and a reader of
+    its linears' unsharded fp32 A and B (``{linear}.lora.A`` ...), in a one-process group whose
+    store is in ``scratch``."""
+    with single_process_group(scratch):
+        adapters = AdapterLayout(checkpoint.args, settings_from_args(checkpoint.args))
+        checkpoint.check(adapters.layout, keys=is_adapter_name)
+
+        def read(linears: list[str]) -> dict[str, torch.Tensor]:
+            loaded = checkpoint.load([f"{linear}.{matrix}" for linear in linears
+                                      for matrix in (A_NAME, B_NAME)])
+            return {name: tensor.float() for name, tensor in loaded.items()}
+
+        yield adapters, read
+
+
 def export_lora(load: str | Path, out: str | Path, hf_template: str | Path | None = None
                 ) -> Path:
     """Write the adapters of the LoRA checkpoint ``load`` as a PEFT adapter directory."""
     from safetensors.torch import save_file
 
-    load = Path(load)
-    checkpoint = _adapter_checkpoint(load)
-    settings = settings_from_args(checkpoint.args)
-    with atomic_directory(out) as scratch, single_process_group(scratch):
-        adapters = AdapterLayout(checkpoint.args, settings)
-        checkpoint.check(adapters.layout, keys=is_adapter_name)
+    checkpoint = adapter_checkpoint(load)
+    with atomic_directory(out) as scratch, \
+            opened_adapters(checkpoint, scratch) as (adapters, read):
+        settings = adapters.settings
         tensors: dict[str, torch.Tensor] = {}
         for linear in adapters.linears:
-            names = [f"{linear}.{A_NAME}", f"{linear}.{B_NAME}"]
-            loaded = checkpoint.load(names)
-            tensors.update(adapters.hf_tensors(linear, *(loaded[n].float() for n in names)))
+            loaded = read([linear])
+            tensors.update(adapters.hf_tensors(linear, loaded[f"{linear}.{A_NAME}"],
+                                               loaded[f"{linear}.{B_NAME}"]))
         modules = sorted({key.removeprefix(PEFT_PREFIX).rsplit(".lora_", 1)[0]
                           for key in tensors})
         expert_targets = {target for _, target in adapters.experts}
         for (module, target), linears in adapters.experts.items():
-            loaded = checkpoint.load([f"{linear}.{m}" for linear in linears
-                                      for m in (A_NAME, B_NAME)])
-            tensors.update(adapters.hf_expert_tensors(
-                module, target, expert_targets, {n: t.float() for n, t in loaded.items()}))
+            tensors.update(adapters.hf_expert_tensors(module, target, expert_targets,
+                                                      read(linears)))
         save_file(tensors, str(scratch / ADAPTER_WEIGHTS), metadata={"format": "pt"})
         parameters = sorted({_target_parameter(module, target)
                              for module, target in adapters.experts})
@@ -303,6 +345,18 @@ def peft_expert_targets(adapter_dir: str | Path) -> set[str]:
     return {target for target, found in targets.items() if found}
 
 
+def peft_expert_modules(adapter_dir: str | Path, tensors: dict[str, torch.Tensor]) -> list[str]:
+    """HF experts modules (``model.layers.0.mlp.experts``) whose 3D parameters the PEFT
+    adapter's ``tensors`` (:func:`read_peft_adapter`) adapt through ``target_parameters``."""
+    parameters = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text()).get(
+        "target_parameters") or []
+    suffixes = {f".{parameter.rsplit('.', 1)[0]}" for parameter in parameters}
+    modules = {re.sub(r"([.]base_layer)+$", "",
+                      key.removeprefix(PEFT_PREFIX).rsplit(".lora_A.", 1)[0])
+               for key in tensors if ".lora_A." in key}
+    return sorted(module for module in modules if f".{module}".endswith(tuple(suffixes)))
+
+
 def import_lora(adapter_dir: str | Path, mcore_dir: str | Path, out: str | Path) -> Path:
     """Write the PEFT adapter in ``adapter_dir`` as an adapters-only checkpoint of the base
     Megatron checkpoint ``mcore_dir`` (a release checkpoint: training resumes from it with
@@ -321,7 +375,7 @@ def import_lora(adapter_dir: str | Path, mcore_dir: str | Path, out: str | Path)
         expert_targets = peft_expert_targets(adapter_dir)
         known = {_peft_key(name, matrix) for names in hf_names.values() for name in names
                  for matrix in ("lora_A", "lora_B")}
-        known |= {_expert_peft_key(module, target, expert_targets, matrix)
+        known |= {expert_peft_key(module, target, expert_targets, matrix)
                   for module, target in adapters.experts if target in expert_targets
                   for matrix in ("lora_A", "lora_B")}
         unused = sorted(set(peft) - known)

@@ -136,16 +136,38 @@ def test_rslora_adapters_are_refused(lora_models, tmp_path):
         import_lora(adapter, paths["mcore"], tmp_path / "out")
 
 
-def test_merged_model_equals_hf_peft(lora_models, tmp_path):
-    """``export-lora --merge``: the base converted back to HF with B A added = HF + PEFT."""
+@pytest.mark.parametrize("case", ["mistral", "qwen3_moe"])
+def test_merged_model_equals_hf_peft(lora_models, tmp_path, case):
+    """``export-lora --merge``: the base converted back to HF with B A added = HF + PEFT (a
+    partial q/v + gate adapter; a MoE's attention and routed experts, merged per expert)."""
     from megatron_patch.conversion.lora_merge import merge_lora
     from megatron_patch.conversion.verify.logits import hf_logits
 
-    paths = lora_models["mistral"]
+    paths = lora_models[case]
     merged = merge_lora(paths["lora"], tmp_path / "merged", paths["hf"])
     tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(1))
     expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
     assert (hf_logits(merged, tokens) - expected).abs().max() <= TOLERANCE
+
+
+def test_peft_adapter_merged_in_memory_equals_hf_peft(lora_models):
+    """``merge_into_hf_model`` (verify's reference without peft) of an adapter on attention and
+    routed experts (transformers 5's 3D expert parameters) gives PEFT's logits."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_patch.conversion.lora_merge import adapter_deltas, merge_into_hf_model
+
+    paths = lora_models["qwen3_moe"]
+    deltas = adapter_deltas(paths["adapter"])  # [E, out, in], as the 3D parameters
+    assert deltas["model.layers.0.mlp.experts.gate_up_proj"].shape == (8, 2 * 16, 64)
+    assert deltas["model.layers.0.mlp.experts.down_proj"].shape == (8, 64, 16)
+    tokens = torch.randint(0, 250, (2, 16), generator=torch.Generator().manual_seed(3))
+    model = AutoModelForCausalLM.from_pretrained(paths["hf"], dtype=torch.float32)
+    merge_into_hf_model(model, paths["adapter"])
+    with torch.no_grad():
+        merged = model(input_ids=tokens).logits
+    expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
+    assert (merged - expected).abs().max() <= TOLERANCE
 
 
 def test_eval_ppl_of_a_lora_checkpoint_equals_hf_peft(lora_models, tmp_path):

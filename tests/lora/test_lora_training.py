@@ -1,5 +1,6 @@
 """LoRA training on the CPU (gloo): frozen base, adapters-only checkpoints that resume
-bit-identically and load at another TP, routed experts adapted, export + verify commands."""
+bit-identically and load at another TP, routed experts adapted, export, merge and verify
+commands."""
 
 import json
 import os
@@ -70,8 +71,8 @@ def test_lora_resumes_bit_identically_and_exports(lora_models, tmp_path):
 
 @pytest.mark.distributed
 def test_lora_on_experts_trains_at_etp2_and_resumes_at_tp1(lora_models, tmp_path):
-    from megatron_patch.conversion.lora_merge import merge_lora
     from megatron_patch.conversion.lora_peft import export_lora
+    from megatron_patch.conversion.verify.logits import hf_logits
     from megatron_patch.conversion.verify.lora import peft_logits
 
     base = lora_models["qwen3_moe"]["mcore"]
@@ -100,9 +101,17 @@ def test_lora_on_experts_trains_at_etp2_and_resumes_at_tp1(lora_models, tmp_path
     gate_up_b = tensors["base_model.model.model.layers.0.mlp.experts.base_layer.lora_B.weight"]
     assert gate_up_b.shape == (32, 4 * 8) and gate_up_b.abs().max() > 0
     tokens = torch.randint(0, 250, (1, 8), generator=torch.Generator().manual_seed(0))
-    assert torch.isfinite(peft_logits(paths["hf"], tokens, adapter_dir=adapter)).all()
-    with pytest.raises(ValueError, match="merge with PEFT"):
-        merge_lora(tmp_path / "run", tmp_path / "merged", paths["hf"])
+    expected = peft_logits(paths["hf"], tokens, adapter_dir=adapter)
+    assert torch.isfinite(expected).all()
+    # ``megatron-patch export-lora --merge`` (a fresh process): the base with the trained
+    # attention and per-expert updates added is HF + PEFT's model
+    merge = subprocess.run([sys.executable, "-m", "megatron_patch.cli", "export-lora", "--load",
+                            str(tmp_path / "run"), "--out", str(tmp_path / "merged"),
+                            "--hf-template", str(paths["hf"]), "--merge"],
+                           cwd=REPO, capture_output=True, text=True, env=ENV, timeout=600)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    assert (hf_logits(tmp_path / "merged", tokens) - expected).abs().max() <= 1e-5
+    assert (hf_logits(paths["hf"], tokens) - expected).abs().max() > 1e-3  # the update matters
 
 
 def test_resume_refuses_other_lora_settings(lora_models, tmp_path):

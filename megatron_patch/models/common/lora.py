@@ -255,6 +255,22 @@ def parts_of_rows(rule, layer, config, rows: int) -> torch.Tensor | None:
     return parts
 
 
+def low_rank_update(a: torch.Tensor, b: torch.Tensor, parts: torch.Tensor | None,
+                    settings: LoraSettings) -> torch.Tensor:
+    """``alpha / r * B A`` of one adapter's unsharded A and B in the base weight's row layout
+    (fp32, computed in float64; stacked experts' ``[E, ...]`` batched); with ``parts``
+    (:func:`parts_of_rows`) each row of B multiplies its projection's block of A, as
+    :class:`LoraAdapter` does."""
+    a, b = a.double(), b.double()
+    if parts is None:
+        update = b @ a
+    else:
+        update = torch.empty(b.shape[0], a.shape[1], dtype=torch.float64)
+        for part, block in enumerate(a.split(settings.rank)):
+            update[parts == part] = b[parts == part] @ block
+    return (settings.scaling * update).float()
+
+
 def apply_lora(chunk: torch.nn.Module, settings: LoraSettings, rules, config,
                seed: int) -> int:
     """Add adapters to the targeted linears of a model chunk and freeze everything else;
