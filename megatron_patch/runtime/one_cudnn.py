@@ -43,8 +43,10 @@ def share_torch_cudnn_with_transformer_engine() -> None:
     """Before TE is imported, point its cuDNN search at the copy torch loaded (Linux)."""
     if "transformer_engine" in sys.modules or not importlib.util.find_spec("transformer_engine"):
         return
-    import torch  # noqa: F401  (loads torch's cuDNN, if any, into this process)
+    import torch
 
+    if torch.backends.cudnn.is_available():
+        torch.backends.cudnn.version()  # makes sure torch's cuDNN is loaded into this process
     try:
         memory_maps = Path("/proc/self/maps").read_text()
     except OSError:
