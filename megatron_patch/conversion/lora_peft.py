@@ -137,9 +137,9 @@ class AdapterLayout:
         linear (a routed expert's: its on-disk per-expert tensors) from its unsharded A and B."""
         rule, layer = rule_for(self.rules, f"{linear}.weight")
         config = self.layout.config
-        # a routed expert's fused gate/up has one A (see apply_lora)
-        parts = (None if expert_index(linear) is not None
-                 else parts_of_rows(rule, layer, config, b.shape[0]))
+        # A holds one block per projection the adapter splits B's rows into (apply_lora)
+        parts = (parts_of_rows(rule, layer, config, b.shape[0])
+                 if a.shape[0] > self.settings.rank else None)
         update = low_rank_update(a, b, parts, self.settings)
         return {name: tensor.contiguous()
                 for name, tensor in rule.to_hf(update, layer, config).items()}

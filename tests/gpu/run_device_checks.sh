@@ -42,6 +42,10 @@ echo "configurations: $CONFIGS"
 with() {  # with CONFIG COMMAND...: run with that configuration's packages first on the path
   PYTHONPATH="${SITE[$1]}:$PWD" "${@:2}"
 }
+curves() {  # curves CONFIG NAME ARGS...: the fidelity run's loss curves into curves_NAME.json
+  with "$1" python3 -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" \
+    --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --curves "$RESULTS/curves_$2.json" "${@:3}"
+}
 
 if wanted journeys; then
   echo "== user journeys"
@@ -59,14 +63,10 @@ for c in $CONFIGS; do
   fi
   if wanted fidelity; then
     echo "== [$c] bf16 and fp8 loss curves on the shipped corpus"
-    with "$c" python3 -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" \
-      --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --curves "$RESULTS/curves_$c.json" \
-      $([[ "${FIDELITY_FP8:-1}" == 0 ]] && echo --no-fp8) 2>&1 \
+    curves "$c" "$c" $([[ "${FIDELITY_FP8:-1}" == 0 ]] && echo --no-fp8) 2>&1 \
       | tee "$RESULTS/fp8_loss_parity_$c.txt" | tail -22
     if [[ "${FIDELITY_RERUN:-1}" == 1 ]]; then  # the same bf16 run again: the noise floor
-      with "$c" python3 -m toolkits.benchmark.fp8_loss_parity --shape "${FP8_SHAPE:-1.1b}" \
-        --mbs "${FP8_MBS:-4}" --iters "${FP8_ITERS:-300}" --no-fp8 \
-        --curves "$RESULTS/curves_${c}_rerun.json" 2>&1 | tail -1
+      curves "$c" "${c}_rerun" --no-fp8 2>&1 | tail -1
     fi
   fi
   if wanted bench; then
