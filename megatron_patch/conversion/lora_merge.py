@@ -8,8 +8,10 @@ from pathlib import Path
 
 import torch
 
+from megatron_patch.conversion.engine import ConversionError
 from megatron_patch.conversion.hf_io import HFCheckpoint, ShardedSafetensorsWriter, parse_size
 from megatron_patch.conversion.lora_peft import (
+    ADAPTER_WEIGHTS,
     EXPERT_PARAMETERS,
     PEFT_PREFIX,
     adapter_checkpoint,
@@ -33,15 +35,22 @@ def adapter_deltas(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
     deltas = {}
     for module in peft_expert_modules(adapter_dir, tensors):
         for target in targets:
-            a, b = split_expert_lora(*(tensors.pop(expert_peft_key(module, target, targets, m))
-                                       for m in ("lora_A", "lora_B")), settings.rank)
+            keys = [expert_peft_key(module, target, targets, m) for m in ("lora_A", "lora_B")]
+            if not all(key in tensors for key in keys):
+                continue  # not adapted in this layer (e.g. layers_to_transform): no update
+            a, b = split_expert_lora(*(tensors.pop(key) for key in keys), settings.rank)
             deltas[f"{module}.{EXPERT_PARAMETERS[target]}"] = low_rank_update(a, b, None,
                                                                               settings)
     for key, a in tensors.items():
         if ".lora_A." not in key:
             continue
-        b = tensors[key.replace(".lora_A.", ".lora_B.")]
+        b = tensors.get(key.replace(".lora_A.", ".lora_B."))
         module = key.removeprefix(PEFT_PREFIX).rsplit(".lora_A.", 1)[0]
+        if b is None or module.endswith(".base_layer"):
+            raise ConversionError(
+                f"{Path(adapter_dir) / ADAPTER_WEIGHTS}: {key} has no lora_B, or adapts other "
+                "experts parameters in its layer than target_parameters lists (PEFT adapts the "
+                "same ones in every layer it adapts)")
         deltas[f"{module}.weight"] = low_rank_update(a, b, None, settings)
     return deltas
 

@@ -9,6 +9,7 @@ adapters; our base + adapter logits equal HF + PEFT's within 1e-5 in fp32 at TP1
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -168,6 +169,35 @@ def test_peft_adapter_merged_in_memory_equals_hf_peft(lora_models):
         merged = model(input_ids=tokens).logits
     expected = peft_logits(paths["hf"], tokens, adapter_dir=paths["adapter"])
     assert (merged - expected).abs().max() <= TOLERANCE
+
+
+def test_in_memory_merge_of_an_adapter_on_some_layers(lora_models, tmp_path):
+    """An adapter whose routed experts are adapted in some layers only (PEFT's
+    ``layers_to_transform``) merges those layers only; experts tensors for parameters that
+    ``target_parameters`` does not list are refused, naming the file."""
+    from safetensors.torch import load_file, save_file
+
+    from megatron_patch.conversion.engine import ConversionError
+    from megatron_patch.conversion.lora_merge import adapter_deltas
+
+    source = lora_models["qwen3_moe"]["adapter"]
+    tensors = load_file(str(source / "adapter_model.safetensors"))
+    some_layers = tmp_path / "some_layers"
+    some_layers.mkdir()
+    shutil.copy2(source / "adapter_config.json", some_layers)
+    save_file({k: v for k, v in tensors.items() if "layers.1.mlp.experts" not in k},
+              str(some_layers / "adapter_model.safetensors"))
+    deltas = adapter_deltas(some_layers)
+    assert "model.layers.0.mlp.experts.down_proj" in deltas
+    assert not any("layers.1.mlp.experts" in name for name in deltas)
+    # the tensors adapt gate_up_proj too, the config lists down_proj alone
+    save_file(tensors, str(some_layers / "adapter_model.safetensors"))
+    config = json.loads((source / "adapter_config.json").read_text())
+    config["target_parameters"] = [p for p in config["target_parameters"]
+                                   if p.endswith("down_proj")]
+    (some_layers / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ConversionError, match="adapter_model.safetensors: .*target_parameters"):
+        adapter_deltas(some_layers)
 
 
 def test_eval_ppl_of_a_lora_checkpoint_equals_hf_peft(lora_models, tmp_path):
