@@ -53,6 +53,8 @@ H100_BF16_PEAK_TFLOPS = 989.0
 SHAPES = {  # name -> (layers, hidden, ffn, heads, kv heads, vocab)
     "1.1b": (16, 2048, 8192, 16, 8, 32000),
     "3b": (28, 3072, 8192, 24, 8, 32000),
+    # Llama-3.1-8B with 16 of its 32 layers: bench_node_scale's one-GPU proxy of PP=2
+    "8b-proxy": (16, 4096, 14336, 32, 8, 128256),
 }
 ENGINES = ("hf", "hf-compile", "mcore", "mcore-fp8", "titan", "titan-fp8")
 TITAN_FFN_MULTIPLE = 256  # torchtitan multiple_of; a matching multiplier gives SHAPES ffn
