@@ -26,8 +26,8 @@ Prints the median of ``--iters`` timed steps (CUDA events, after warm-up): token
 TFLOP/s by Megatron's FLOP formula, MFU against the 989 TFLOP/s H100 dense bf16 peak and against
 the bf16 matmul ceiling measured in the same run, peak GPU memory, and the ratio to
 ``hf-compile``. Run on one GPU: ``python -m toolkits.benchmark.bench_training_step
-[--shape 1.1b|3b] [--seq 2048] [--mbs 4] [--engines hf-compile,mcore,mcore-fp8,titan]
-[-- extra Megatron flags]``.
+[--shape 1.1b|3b|8b-proxy] [--seq 2048] [--mbs 4 | --best-mbs 1,2,4,8]
+[--engines hf-compile,mcore,mcore-fp8,titan] [-- extra Megatron flags]``.
 """
 
 from __future__ import annotations
@@ -377,10 +377,29 @@ def _spawn(engine: str, argv: list[str]) -> dict:
         if line.startswith("PROFILE "):
             print(f"{engine}: {line[len('PROFILE '):]}")
     if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        print(f"{engine} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
-        return {}
+        output = proc.stdout + proc.stderr
+        print(f"{engine} failed ({proc.returncode}):\n{output[-3000:]}", file=sys.stderr)
+        return {"failed": "out of memory" if "OutOfMemoryError" in output else "failed"}
     return json.loads(lines[-1][len("RESULT "):])
+
+
+def _with_mbs(argv: list[str], mbs: int) -> list[str]:
+    """``argv`` with the micro-batch size set to ``mbs`` (before any ``--`` Megatron flags)."""
+    cut = argv.index("--") if "--" in argv else len(argv)
+    return [*argv[:cut], "--mbs", str(mbs), *argv[cut:]]
+
+
+def best_micro_batch(engine: str, argv: list[str], sizes: list[int]) -> dict:
+    """The engine's fastest result (tokens/s) over ``sizes`` tried in increasing order, up to
+    the first that fails (out of memory); its ``mbs`` is recorded."""
+    best: dict = {}
+    for mbs in sorted(sizes):
+        result = _spawn(engine, _with_mbs(argv, mbs)) | {"mbs": mbs}
+        if "failed" in result:
+            return best or result
+        if not best or mbs / result["step_ms"] > best["mbs"] / best["step_ms"]:
+            best = result
+    return best
 
 
 def _measure_ceiling() -> float:
@@ -401,6 +420,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shape", choices=sorted(SHAPES), default="1.1b")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--mbs", type=int, default=4)
+    parser.add_argument("--best-mbs", default=None, metavar="SIZES",
+                        help="comma-separated micro-batch sizes: each engine runs at each, in "
+                             "increasing order until one does not fit, and reports its fastest "
+                             "(instead of --mbs for all)")
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--engines", default="hf-compile,mcore,mcore-fp8")
@@ -421,26 +444,32 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--engines: unknown {sorted(unknown)}; choose from {ENGINES}")
     ceiling = _measure_ceiling()
-    results = {engine: _spawn(engine, argv) for engine in engines}
-    flops = next((r["flops"] for r in results.values() if "flops" in r), None)
+    if opts.best_mbs:
+        sizes = [int(size) for size in opts.best_mbs.split(",")]
+        results = {e: best_micro_batch(e, argv, sizes) for e in engines}
+    else:
+        results = {engine: _spawn(engine, argv) | {"mbs": opts.mbs} for engine in engines}
+    # Megatron's FLOPs of one step (mcore engines), per token: the same model for every engine
+    flops_per_token = next((r["flops"] / (r["mbs"] * opts.seq) for r in results.values()
+                            if "flops" in r), None)
     layers, hidden, ffn, heads, kv_heads, vocab = SHAPES[opts.shape]
-    step_tokens = opts.mbs * opts.seq
+    batches = f"best mbs of {opts.best_mbs}" if opts.best_mbs else f"mbs {opts.mbs}"
     print(f"\n{torch.cuda.get_device_name()}: measured bf16 matmul ceiling {ceiling:.0f} TFLOP/s; "
           f"shape {opts.shape} (layers {layers} hidden {hidden} ffn {ffn} heads {heads}/"
-          f"{kv_heads} vocab {vocab}) seq {opts.seq} mbs {opts.mbs}; full training step, median "
+          f"{kv_heads} vocab {vocab}) seq {opts.seq} {batches}; full training step, median "
           f"of {opts.iters}; extra Megatron flags: {extra or 'none'}")
-    reference = results.get("hf-compile", {}).get("step_ms")
-    print(f"{'engine':<14}{'step ms':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU/989':>9}"
+    rate = {e: r["mbs"] * opts.seq / r["step_ms"] * 1e3 for e, r in results.items()
+            if "step_ms" in r}
+    print(f"{'engine':<14}{'mbs':>4}{'step ms':>9}{'tokens/s':>11}{'TFLOP/s':>9}{'MFU/989':>9}"
           f"{'MFU/ceil':>10}{'peak GiB':>10}{'vs hf-compile':>15}")
     for engine, result in results.items():
-        if not result:
-            print(f"{engine:<14}{'failed':>9}")
+        if engine not in rate:
+            print(f"{engine:<14}{result.get('mbs', ''):>4} {result.get('failed', 'failed')}")
             continue
-        ms = result["step_ms"]
-        tflops = flops / (ms / 1e3) / 1e12 if flops else float("nan")
-        ratio = f"{reference / ms:.2f}x" if reference else "-"
-        print(f"{engine:<14}{ms:>9.1f}{step_tokens / ms * 1e3:>11,.0f}{tflops:>9.0f}"
-              f"{tflops / H100_BF16_PEAK_TFLOPS:>9.1%}{tflops / ceiling:>10.1%}"
+        tflops = flops_per_token * rate[engine] / 1e12 if flops_per_token else float("nan")
+        ratio = f"{rate[engine] / rate['hf-compile']:.2f}x" if "hf-compile" in rate else "-"
+        print(f"{engine:<14}{result['mbs']:>4}{result['step_ms']:>9.1f}{rate[engine]:>11,.0f}"
+              f"{tflops:>9.0f}{tflops / H100_BF16_PEAK_TFLOPS:>9.1%}{tflops / ceiling:>10.1%}"
               f"{result['peak_gib']:>10.1f}{ratio:>15}")
     for engine, result in results.items():
         if "fwd_bwd_ms" in result:
