@@ -8,9 +8,12 @@
 #             step by step (within 1% after step 50), beside each configuration's bf16 curve
 #             against a rerun of itself (the noise floor; FIDELITY_RERUN=0 skips the reruns);
 #   bench:    full training step against HF transformers + torch.compile (1.1B shape, bf16, fp8);
-#   moe, generation, grpo: the MoE, generation and GRPO benchmarks.
+#   moe, generation, grpo: the MoE, generation and GRPO benchmarks;
+#   lora:     LoRA against full fine-tuning (3B at seq 2048, the 8B one-GPU proxy at seq 8192);
+#   eval:     benchmark evaluation (megatron-patch eval's model) against lm-eval's HF backend.
 # Wheels in .whl/ (megatron-core, torchao, and Transformer Engine with its pydantic needs) are
-# installed into /tmp/site-te (all of them) and /tmp/site-torch (all but transformer_engine);
+# installed into /tmp/site-te (all of them) and /tmp/site-torch (all but transformer_engine),
+# with those in .whl-eval/ (lm-eval and the packages it needs there) into both;
 # without a TE wheel only "torch" runs (REUSE=1 keeps directories an earlier run installed).
 # CONFIGS="torch" picks configurations, SKIP="bench moe" skips steps by name, FIDELITY_FP8=0
 # trains the bf16 curves only, JOURNEYS_DEADLINE=SECONDS bounds the journeys, RESULTS_DIR (default output/gpu) keeps the results.
@@ -29,10 +32,11 @@ if [[ -d .whl ]]; then
     rm -rf "$1" && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
       --target "$1" "${@:2}"
   }
+  mapfile -t for_eval < <(ls .whl-eval/*.whl 2>/dev/null)
   mapfile -t without_te < <(ls .whl/*.whl | grep -v /transformer_engine-)
-  install /tmp/site-torch "${without_te[@]}" && SITE[torch]=/tmp/site-torch
+  install /tmp/site-torch "${without_te[@]}" "${for_eval[@]}" && SITE[torch]=/tmp/site-torch
   if ls .whl/transformer_engine-*.whl >/dev/null 2>&1; then
-    install /tmp/site-te .whl/*.whl && SITE[te]=/tmp/site-te
+    install /tmp/site-te .whl/*.whl "${for_eval[@]}" && SITE[te]=/tmp/site-te
   fi
 else
   SITE[installed]=/nonexistent  # the machine's own packages
@@ -88,6 +92,18 @@ for c in $CONFIGS; do
     echo "== [$c] GRPO rollout and training"
     with "$c" python3 -m toolkits.benchmark.bench_grpo 2>&1 | grep -v Warning \
       | tee "$RESULTS/bench_grpo_$c.txt" | tail -4
+  fi
+  if wanted lora; then
+    echo "== [$c] LoRA against full fine-tuning"
+    for shape in "3b --seq 2048 --mbs 2" "8b-proxy --seq 8192 --mbs 1"; do
+      with "$c" python3 -m toolkits.benchmark.bench_lora --shape $shape 2>&1 \
+        | grep -v Warning | tee -a "$RESULTS/bench_lora_$c.txt" | tail -4
+    done
+  fi
+  if wanted eval; then
+    echo "== [$c] benchmark evaluation against lm-eval's HF backend"
+    with "$c" python3 -m toolkits.benchmark.bench_eval --shape 1.1b --batch-size 32 2>&1 \
+      | grep -v Warning | tee "$RESULTS/bench_eval_$c.txt" | tail -4
   fi
 done
 compare_curves() {  # compare_curves A B TITLE: the bf16 curves of two runs, step by step
