@@ -29,6 +29,7 @@ def test_float8_training_tracks_full_precision_at_every_layout():
     full, _ = _losses(COMMON)
     fp8, log = _losses([*COMMON, "--fp8-format", "hybrid"])
     assert "float8 training (torchao tensorwise): 16 linears" in log  # 4 layers x qkv/proj/fc1/fc2
+    assert "WARNING: torchao float8 is not yet shown to train like bf16" in log
     assert fp8 != full, "float8 rounding must change the numbers"
     for step, loss in full.items():
         assert abs(fp8[step] - loss) / loss < 0.01, (step, fp8[step], loss)

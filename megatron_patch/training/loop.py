@@ -37,7 +37,7 @@ from megatron.training.utils import print_rank_0
 from megatron_patch.models.builder import gpt_model_provider, transformer_config_from_args
 from megatron_patch.models.common.lora import settings_from_args
 from megatron_patch.models.init import init_layout_invariant
-from megatron_patch.runtime.float8 import convert_linears_to_float8
+from megatron_patch.runtime.float8 import ACCURACY_WARNING, convert_linears_to_float8
 from megatron_patch.runtime.gpu_fast_paths import (
     apply_gpu_fast_paths,
     compile_transformer_layers,
@@ -91,6 +91,7 @@ def setup_model_and_optimizer(
         if getattr(args, "torchao_float8", None):
             count = convert_linears_to_float8(model, args.torchao_float8)
             print_rank_0(f"> float8 training (torchao {args.torchao_float8}): {count} linears")
+            print_rank_0(ACCURACY_WARNING)
         if args.torch_compile_layers:
             compile_transformer_layers(model)
         if extend_model is not None:
