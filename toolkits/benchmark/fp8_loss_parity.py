@@ -8,6 +8,9 @@ float8 otherwise) and prints both loss curves, the relative gap of the mean loss
 ``--tolerance`` (default 1%). GPU only. Run: ``python -m toolkits.benchmark.fp8_loss_parity
 [--shape 3b] [--iters 300] [--seq 2048] [--mbs 2] [--output DIR] [--curves FILE.json]``.
 
+``--rerun`` trains bf16 once more and prints that run's gap to the first by the same measure,
+the spread between identical runs that the fp8 gap must be read against.
+
 ``--compare A.json B.json`` compares the bf16 curves of two such runs (e.g. with and without
 Transformer Engine) step by step: the relative gap at every step after ``--after`` (default 50)
 must stay within ``--tolerance``.
@@ -127,6 +130,9 @@ def main() -> int:
     parser.add_argument("--curves", default=None, help="write both loss curves to this JSON")
     parser.add_argument("--no-fp8", dest="fp8", action="store_false",
                         help="train the bf16 curve only (for --compare)")
+    parser.add_argument("--rerun", action="store_true",
+                        help="train bf16 a second time and print its gap to the first by the "
+                             "same measure: the run-to-run spread the fp8 gap is read against")
     parser.add_argument("--compare", nargs=2, metavar="JSON",
                         help="compare the bf16 curves of two --curves files instead")
     parser.add_argument("--after", type=int, default=50, help="--compare: first step checked")
@@ -139,10 +145,11 @@ def main() -> int:
         data = _preprocess(out)
         bf16 = _train(opts, data, fp8=False)
         fp8 = _train(opts, data, fp8=True) if opts.fp8 else {}
+        rerun = _train(opts, data, fp8=False) if opts.rerun else {}
     if opts.curves:
         Path(opts.curves).write_text(json.dumps(
             {**{name: {step: point[0] for step, point in curve.items()}
-                for name, curve in (("bf16", bf16), ("fp8", fp8))},
+                for name, curve in (("bf16", bf16), ("fp8", fp8), ("bf16_rerun", rerun))},
              "bf16_grad_norm": {step: point[2] for step, point in bf16.items()}}))
     if not opts.fp8:
         print(f"bf16 loss: step 1 {bf16[min(bf16)][0]:.4f}, step {max(bf16)} "
@@ -161,6 +168,10 @@ def main() -> int:
     ms_fp8 = statistics.median(fp8[s][1] for s in timed)
     print(f"mean loss over the last {len(last)} iterations: bf16 {mean_bf16:.4f}, fp8 "
           f"{mean_fp8:.4f}, gap {gap:.2%} (tolerance {opts.tolerance:.0%})")
+    if rerun:
+        mean_rerun = statistics.mean(rerun[s][0] for s in last)
+        print(f"bf16 rerun: {mean_rerun:.4f}, gap to the first bf16 run "
+              f"{abs(mean_rerun - mean_bf16) / mean_bf16:.2%} (the run-to-run spread)")
     print(f"median iteration: bf16 {ms_bf16:.1f} ms, fp8 {ms_fp8:.1f} ms "
           f"({ms_bf16 / ms_fp8:.2f}x)")
     return int(gap > opts.tolerance)
