@@ -37,7 +37,8 @@ from pathlib import Path
 
 import torch
 
-from toolkits.benchmark.bench_generation import SHAPES, spawn_worker
+from toolkits.benchmark.bench_generation import SHAPES
+from toolkits.benchmark.worker_process import spawn_worker
 
 ENGINES = ("hf", "mcore")
 KINDS = ("loglikelihood", "multiple_choice", "generate_until")
@@ -161,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{device}: shape {opts.shape}, batch {opts.batch_size}, "
           f"max_length {opts.max_length}, {'fp32' if opts.tiny else 'bf16'}")
     for kind in KINDS:
-        rates = {e: r[kind]["requests"] / r[kind]["seconds"] for e, r in results.items() if r}
+        rates = {e: r[kind]["requests"] / r[kind]["seconds"] for e, r in results.items()
+                 if "failed" not in r}
         line = "  ".join(f"{e} {rate:8.1f} req/s" for e, rate in rates.items())
         if len(rates) == 2:
             line += f"  mcore/hf {rates['mcore'] / rates['hf']:.2f}x"

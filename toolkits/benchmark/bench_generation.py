@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_patch.utils.torchrun import free_port
+from toolkits.benchmark.worker_process import spawn_worker
 
 SHAPES = {  # name -> (layers, hidden, ffn, heads, kv heads, vocab)
     "tiny": (2, 64, 128, 4, 2, 256),
@@ -137,30 +135,15 @@ def _build_models(opts: argparse.Namespace) -> None:
     convert_hf_to_mcore(opts.hf_dir, opts.mcore_dir, progress=False)
 
 
-def spawn_worker(module: str, engine: str, flags: list[str]) -> dict:
-    """``python -m module --worker engine flags`` in a one-rank world; the JSON of its
-    ``RESULT`` line ({} and its output on stderr if it failed)."""
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
-           "CUDA_DEVICE_MAX_CONNECTIONS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, "-m", module, "--worker", engine, *flags],
-                          capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        tail = (proc.stdout + proc.stderr)[-4000:]
-        print(f"{engine} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
-        return {}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def _spawn(engine: str, opts: argparse.Namespace) -> dict:
     flags = ["--hf-dir", str(opts.hf_dir), "--mcore-dir", str(opts.mcore_dir),
              "--shape", opts.shape, "--batches", ",".join(map(str, opts.batches)),
              "--prompt-len", str(opts.prompt_len), "--new-tokens", str(opts.new_tokens),
              *(["--tiny"] if opts.tiny else []),
              *(["--no-cuda-graphs"] if opts.no_cuda_graphs else [])]
-    return {int(batch): result for batch, result in
-            spawn_worker("toolkits.benchmark.bench_generation", engine, flags).items()}
+    results = spawn_worker("toolkits.benchmark.bench_generation", engine, flags)
+    return {} if "failed" in results else {int(batch): result
+                                           for batch, result in results.items()}
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 
 from toolkits.benchmark import bench_training_step as step_bench
+from toolkits.benchmark.worker_process import spawn_worker
 
 MODES = ("full", "lora")
 
@@ -54,20 +53,6 @@ def worker(opts: argparse.Namespace, extra: list[str]) -> None:
     print("RESULT " + json.dumps(result), flush=True)
 
 
-def _spawn(mode: str, argv: list[str]) -> dict:
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29534"),
-           "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "toolkits.benchmark.bench_lora", "--worker",
-                           mode, *argv], capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if proc.returncode or not lines:
-        output = proc.stdout + proc.stderr
-        print(f"{mode} failed ({proc.returncode}):\n{output[-3000:]}", file=sys.stderr)
-        return {"failed": "out of memory" if "OutOfMemoryError" in output else "failed"}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def main(argv: list[str] | None = None) -> None:
     """Run both modes, each in a fresh process, and print one table."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -85,7 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     if opts.worker:
         worker(opts, extra)
         return
-    results = {mode: _spawn(mode, argv) for mode in MODES}
+    results = {mode: spawn_worker("toolkits.benchmark.bench_lora", mode, argv)
+               for mode in MODES}
     tokens = opts.mbs * opts.seq
     print(f"shape {opts.shape} seq {opts.seq} mbs {opts.mbs}, LoRA rank {opts.rank}; median of "
           f"{opts.iters} steps; extra Megatron flags: {extra or 'none'}")

@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import statistics
-import subprocess
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
@@ -45,6 +43,7 @@ from typing import TYPE_CHECKING
 import torch
 
 import megatron_patch  # noqa: F401  (first: Transformer Engine shares torch's cuDNN, runtime.one_cudnn)
+from toolkits.benchmark.worker_process import spawn_worker
 
 if TYPE_CHECKING:
     from torchtitan.models.llama3 import Llama3Model
@@ -366,21 +365,7 @@ def worker(opts: argparse.Namespace, extra: list[str]) -> None:
 
 
 def _spawn(engine: str, argv: list[str]) -> dict:
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", "29533"),
-           "CUDA_DEVICE_MAX_CONNECTIONS": "1"}
-    command = [sys.executable, "-m", "toolkits.benchmark.bench_training_step",
-               "--worker", engine, *argv]
-    proc = subprocess.run(command, capture_output=True, text=True, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    for line in proc.stdout.splitlines():
-        if line.startswith("PROFILE "):
-            print(f"{engine}: {line[len('PROFILE '):]}")
-    if proc.returncode or not lines:
-        output = proc.stdout + proc.stderr
-        print(f"{engine} failed ({proc.returncode}):\n{output[-3000:]}", file=sys.stderr)
-        return {"failed": "out of memory" if "OutOfMemoryError" in output else "failed"}
-    return json.loads(lines[-1][len("RESULT "):])
+    return spawn_worker("toolkits.benchmark.bench_training_step", engine, argv, echo="PROFILE ")
 
 
 def _with_mbs(argv: list[str], mbs: int) -> list[str]:
